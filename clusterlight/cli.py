@@ -1,0 +1,168 @@
+"""The ``clusterlight`` command line: a LightningCLI over clusterlight's methods and data.
+
+Examples::
+
+    clusterlight fit --config configs/dec/usps.yaml
+    clusterlight test --config configs/dec/usps.yaml --ckpt_path best
+    clusterlight predict --config configs/dec/usps.yaml --ckpt_path last --predictions.path preds.csv
+    clusterlight fit --model AEKMeans --data.dataset digits --trainer.max_epochs 5
+    clusterlight fit --config configs/dec/usps.yaml --print_config
+
+``main(args)`` runs the same CLI in-process and returns the :class:`ClusterlightCLI`, so tests,
+scripts and notebooks can read ``cli.trainer.callback_metrics`` or ``cli.model``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import clusterlight.data  # noqa: F401  (registers the DataModules for short names)
+import clusterlight.methods  # noqa: F401  (registers the methods for short names)
+from clusterlight.callbacks import ClusteringFigures, PredictionWriter, SaveRunConfig
+from clusterlight.data import ClusteringDataModule
+from clusterlight.errors import ClusterlightError
+from clusterlight.methods.base import ClusteringModule
+
+#: Trainer settings used unless a config or the command line says otherwise.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": 50,
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.WandbLogger",
+        "init_args": {"project": "clusterlight", "save_dir": "runs", "offline": True},
+    },
+}
+
+
+class ClusterlightCLI(LightningCLI):
+    """LightningCLI with clusterlight's links, callbacks and checks.
+
+    - ``data.num_clusters`` and ``data.input_shape`` are read from the instantiated DataModule
+      and passed to the model: nobody types them twice.
+    - ``--checkpoint.*`` configures the ModelCheckpoint (label-free ``val/loss`` by default,
+      plus ``last.ckpt``); ``--figures.*`` the evaluation figures; ``--predictions.path`` the
+      prediction CSV.
+    - A ``--ckpt_path`` written by another method is refused before any work starts (LightningCLI
+      would otherwise swap in the checkpoint's class and arguments).
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_clusters", "model.init_args.num_clusters", apply_on="instantiate")
+        parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/loss",
+            "checkpoint.mode": "min",
+            "checkpoint.save_last": True,
+            "checkpoint.save_top_k": 1,
+        })
+        parser.add_lightning_class_args(ClusteringFigures, "figures")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def _ckpt_path(self) -> str | None:
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        return None if ckpt in (None, "last", "best", "hpc", "registry") else str(ckpt)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI replaces the model's arguments, and its class, with the checkpoint's
+        # hyperparameters. A checkpoint of another method would silently swap the method:
+        # refuse it instead, before anything is instantiated.
+        ckpt = self._ckpt_path()
+        if ckpt is not None:
+            if not os.path.isfile(ckpt):
+                raise ClusterlightError(f"ckpt_path {ckpt} does not exist")
+            try:
+                checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+                raise ClusterlightError(f"ckpt_path {ckpt} is not a readable checkpoint ({type(err).__name__})") from None
+            wanted = self.config[self.config.subcommand]["model"]["class_path"]
+            written = checkpoint.get("hyper_parameters", {}).get("_class_path")
+            info = checkpoint.get("clusterlight") or {}
+            if info.get("method") is None:
+                raise ClusterlightError(f"ckpt_path {ckpt} was not written by clusterlight")
+            if (written or "").rsplit(".", 1)[-1] != wanted.rsplit(".", 1)[-1] or info["method"] != wanted.rsplit(".", 1)[-1]:
+                raise ClusterlightError(
+                    f"ckpt_path {ckpt} was written by method {info['method']}, but the model is "
+                    f"{wanted.rsplit('.', 1)[-1]}: use --model {info['method']}"
+                )
+        super()._parse_ckpt_path()
+
+    def _preflight(self) -> None:
+        """Find bad input before the Trainer starts (loggers create run folders at its start)."""
+        if not getattr(self.datamodule, "download", False):
+            # Loads the data and builds the splits now; the Trainer's own setup call reuses them.
+            self.datamodule.setup(self.config.get("subcommand"))
+
+    def before_fit(self) -> None:
+        self._preflight()
+
+    def before_validate(self) -> None:
+        self._preflight()
+
+    def before_test(self) -> None:
+        self._preflight()
+
+    def before_predict(self) -> None:
+        self._preflight()
+
+
+def _user_error(err: BaseException) -> ClusterlightError | None:
+    """The :class:`ClusterlightError` behind ``err``: jsonargparse wraps errors raised in ``__init__``."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ClusterlightError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def main(args: list[str] | None = None, run: bool = True) -> ClusterlightCLI:
+    """Run the clusterlight CLI in-process (``args`` as on the command line) and return it.
+
+    Bad input raises :class:`ClusterlightError` with a one-line message, also when jsonargparse
+    caught it while instantiating the model or the DataModule.
+    """
+    try:
+        return _build(args, run)
+    except Exception as err:
+        user = _user_error(err)
+        if user is None or user is err:
+            raise
+        raise ClusterlightError(str(user)) from None
+
+
+def _build(args: list[str] | None, run: bool) -> ClusterlightCLI:
+    return ClusterlightCLI(
+        ClusteringModule,
+        ClusteringDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        seed_everything_default=0,
+        save_config_callback=SaveRunConfig,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults=TRAINER_DEFAULTS,
+        args=args,
+        run=run,
+        parser_kwargs={"default_env": False},
+    )
+
+
+def cli_entry() -> None:
+    """Console script: bad input ends with one ``error:`` line and exit status 2."""
+    try:
+        main()
+    except ClusterlightError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli_entry()
