@@ -63,6 +63,10 @@ class ClusterlightCLI(LightningCLI):
         })
         parser.add_lightning_class_args(ClusteringFigures, "figures")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False,
+            help="fit only: test the best checkpoint (label-free choice) when fitting ends, printing ACC/NMI/ARI",
+        )
 
     def _ckpt_path(self) -> str | None:
         sub = self.config.get("subcommand")
@@ -101,6 +105,11 @@ class ClusterlightCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._preflight()
+
+    def after_fit(self) -> None:
+        if self.config.fit.get("test_after_fit"):
+            best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
     def before_validate(self) -> None:
         self._preflight()

@@ -37,7 +37,9 @@ class DEC(AEKMeans):
     fewer than ``tol`` of the samples change cluster between two target updates.
 
     ``val/loss`` is the same KL objective on each validation batch (target from the batch), so
-    checkpoint choice uses DEC's own criterion in both phases.
+    checkpoint choice uses DEC's own criterion; during pretraining it is ``inf`` (there is no
+    clustering objective yet), so the chosen checkpoint always comes from phase 2. With an
+    ``EarlyStopping`` on ``val/loss``, set its ``check_finite: false``.
 
     Args:
         num_clusters: number of clusters (linked from the DataModule).
@@ -134,6 +136,9 @@ class DEC(AEKMeans):
             super().refresh_clusters()
 
     def eval_loss(self, images: Tensor, index: Tensor) -> Tensor:
+        if not bool(self.clustering_started):
+            # Pretraining has no clustering objective yet: never the best checkpoint.
+            return torch.tensor(float("inf"), device=images.device)
         q, _ = self.soft_assign(self.embed(images))
         return dec_kl(target_distribution(q), q)
 
