@@ -417,8 +417,8 @@ class ClusteringMetrics(Metric):
             "has_score": self._state("has_score").bool()[keep],
         }
         p = out["pred"]
-        if p.numel() and (int(p.min()) < 0 or int(p.max()) >= self.num_clusters):
-            raise ValueError(f"cluster ids must lie in [0, {self.num_clusters})")
+        if p.numel() and (int(p.min()) < -1 or int(p.max()) >= self.num_clusters):
+            raise ValueError(f"cluster ids must lie in [0, {self.num_clusters}) or be -1 (unassigned)")
         t = out["target"][~out["is_ood"]]
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_classes):
             raise ValueError(f"in-distribution class ids must lie in [0, {self.num_classes})")
@@ -432,24 +432,38 @@ class ClusteringMetrics(Metric):
         pred, target = s["pred"][idm], s["target"][idm]
         n = pred.numel()
         out: dict[str, float] = {}
+        # Cluster -1 means "left unassigned" (a method's OOD rejection): an error for ACC and
+        # recall, its own group for NMI/ARI, and not a cluster for the size metrics.
+        assigned = pred >= 0
+        rejected = not bool(assigned.all())
+        grouped = torch.where(assigned, pred, torch.full_like(pred, self.num_clusters))
         if want("acc"):
-            out["acc"] = matched_accuracy(pred, target)
+            acc = matched_accuracy(pred[assigned], target[assigned]) if assigned.any() else 0.0
+            out["acc"] = acc * float(assigned.sum()) / n if n else math.nan
         if want("nmi"):
-            out["nmi"] = normalized_mutual_info(pred, target, "arithmetic")
+            out["nmi"] = normalized_mutual_info(grouped, target, "arithmetic")
         if want("nmi_geometric"):
-            out["nmi_geometric"] = normalized_mutual_info(pred, target, "geometric")
+            out["nmi_geometric"] = normalized_mutual_info(grouped, target, "geometric")
         if want("ari"):
-            out["ari"] = adjusted_rand_index(pred, target)
+            out["ari"] = adjusted_rand_index(grouped, target)
+        if want("unassigned_frac") and rejected:
+            out["unassigned_frac"] = 1.0 - float(assigned.float().mean())
         groups = ("head_acc", "medium_acc", "tail_acc")
         if self.train_class_counts is not None and any(want(k) for k in groups):
-            if n:
+            if n and not rejected:
                 recall = per_class_recall(pred, target, self.num_classes, self.num_clusters)
+                out.update(group_accuracy(recall, self.train_class_counts))
+            elif n:
+                mapping = match_clusters(pred[assigned], target[assigned], self.num_clusters, self.num_classes)
+                hit = assigned & (mapping[pred.clamp_min(0)] == target)
+                recall = torch.tensor([float(hit[target == c].float().mean()) if (target == c).any() else math.nan
+                                       for c in range(self.num_classes)], dtype=torch.float64)
                 out.update(group_accuracy(recall, self.train_class_counts))
             else:
                 out.update(dict.fromkeys(groups, math.nan))
         if want("cluster_kl"):
-            out["cluster_kl"] = cluster_kl(pred, target, self.num_clusters, self.num_classes)
-        sizes = torch.bincount(pred, minlength=self.num_clusters)
+            out["cluster_kl"] = cluster_kl(pred[assigned], target[assigned], self.num_clusters, self.num_classes)
+        sizes = torch.bincount(pred[assigned], minlength=self.num_clusters)
         if want("num_nonempty_clusters"):
             out["num_nonempty_clusters"] = float((sizes > 0).sum())
         if want("largest_cluster_frac"):

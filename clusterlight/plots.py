@@ -43,7 +43,7 @@ def embedding_figure(
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, colour, title in ((axes[0], cluster, "by cluster"), (axes[1], label, "by class")):
         ind = ~ood
-        ax.scatter(xy[ind, 0], xy[ind, 1], c=colour[ind], cmap="tab20", s=4, alpha=0.7)
+        ax.scatter(xy[ind, 0], xy[ind, 1], c=colour[ind] % 20, cmap="tab20", vmin=0, vmax=19, s=4, alpha=0.7)
         if ood.any():
             ax.scatter(xy[ood, 0], xy[ood, 1], c="k", marker="x", s=8, label="OOD")
             ax.legend(loc="best")

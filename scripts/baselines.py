@@ -50,7 +50,7 @@ def raw_kmeans(extra: list[str], config: str) -> dict:
     from clusterlight.cli import main
     from clusterlight.metrics import adjusted_rand_index, matched_accuracy, normalized_mutual_info
 
-    cli = main(["fit", "--config", str(REPO / config), *extra, "--trainer.logger=false"], run=False)
+    cli = main(["--config", str(REPO / config), *extra, "--trainer.logger=false"], run=False)
     dm = cli.datamodule
     dm.setup("fit")
     t0 = time.time()

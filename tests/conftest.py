@@ -46,6 +46,9 @@ METHOD_ARGS: dict[str, list[str]] = {
     "AEKMeans": ["--model=AEKMeans", "--model.widths=[16, 32]", "--model.kmeans_n_init=2"],
     "DEC": ["--model=DEC", "--model.widths=[16, 32]", "--model.kmeans_n_init=2", "--model.init_n_init=2",
             "--model.pretrain_epochs=1"],
+    "DebiasedClustering": ["--model=DebiasedClustering", "--model.widths=[16, 32]", "--model.kmeans_n_init=2",
+                           "--model.pretrain_epochs=1", "--model.latent_dim=8", "--model.cluster_dim=4",
+                           "--model.head_hidden=[16]"],
 }
 
 

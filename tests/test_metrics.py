@@ -515,3 +515,25 @@ def test_single_value_metrics_match_parent():
     m = OODAUROC(7, 5)
     m.update(*batch[:4])  # no score -> nan
     assert math.isnan(m.compute())
+
+
+def test_unassigned_samples_count_as_errors() -> None:
+    """Cluster -1 (a method's OOD rejection): wrong for ACC and recall, its own group for NMI/ARI."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    rng = np.random.default_rng(5)
+    target = torch.as_tensor(rng.integers(0, 4, 300))
+    pred = target.clone()
+    pred[rng.random(300) < 0.2] = -1
+    m = ClusteringMetrics(num_clusters=4, num_classes=4, train_class_counts=[50, 60, 70, 80])
+    m.update(pred, target, torch.arange(300))
+    out = m.compute()
+    frac = float((pred >= 0).float().mean())
+    assert float(out["acc"]) == pytest.approx(frac, abs=1e-6)
+    assert float(out["unassigned_frac"]) == pytest.approx(1 - frac, abs=1e-6)
+    grouped = np.where(pred.numpy() < 0, 4, pred.numpy())
+    assert float(out["nmi"]) == pytest.approx(normalized_mutual_info_score(target, grouped), abs=1e-5)
+    assert float(out["ari"]) == pytest.approx(adjusted_rand_score(target, grouped), abs=1e-5)
+    recall = [np.mean(pred.numpy()[target.numpy() == c] == c) for c in range(4)]
+    assert float(out["tail_acc"]) == pytest.approx(recall[0], abs=1e-6)
+    assert float(out["head_acc"]) == pytest.approx(recall[3], abs=1e-6)

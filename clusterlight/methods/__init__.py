@@ -2,6 +2,7 @@
 
 from clusterlight.methods.ae_kmeans import AEKMeans
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
+from clusterlight.methods.debiased import DebiasedClustering
 from clusterlight.methods.dec import DEC
 
-__all__ = ["AEKMeans", "DEC", "ClusterOutput", "ClusteringModule"]
+__all__ = ["AEKMeans", "DEC", "DebiasedClustering", "ClusterOutput", "ClusteringModule"]

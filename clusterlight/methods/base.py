@@ -95,7 +95,10 @@ class ClusteringModule(LightningModule):
         self.input_shape = tuple(int(v) for v in input_shape)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # Optimizer/scheduler factories are callables: not hyperparameters (and not loadable with
+        # weights_only). Methods name them optimizer*, lr_scheduler*.
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "optimizer_r", "optimizer_c",
+                                          "lr_scheduler_r", "lr_scheduler_c"])
         self._clusters_stale = False
         self._metrics: dict[str, ClusteringMetrics] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}

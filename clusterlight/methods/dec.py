@@ -121,14 +121,15 @@ class DEC(AEKMeans):
         self._target_labels = labels
 
     def fit_step(self, images: Tensor, index: Tensor, batch_idx: int) -> Tensor:
+        # Every trainable parameter takes part in every loss (with weight 0 where unused), so DDP
+        # needs no find_unused_parameters: centres in phase 1, the decoder in phase 2 of plain DEC.
         if self.pretraining or self._target is None:
-            return self.reconstruction_loss(images)
+            return self.reconstruction_loss(images) + 0.0 * self.centers.sum()
         z, recon = self.autoencoder(images)
         q, _ = self.soft_assign(z)
         loss = dec_kl(self._target[index].to(q.device), q)
-        if self.recon_weight > 0:
-            loss = loss + self.recon_weight * torch.nn.functional.mse_loss(recon.float(), images.float())
-        return loss
+        recon_loss = torch.nn.functional.mse_loss(recon.float(), images.float())
+        return loss + self.recon_weight * recon_loss if self.recon_weight > 0 else loss + 0.0 * recon_loss
 
     def refresh_clusters(self) -> None:
         # Learned centres in phase 2; k-means on the current embeddings before that.

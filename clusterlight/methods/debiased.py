@@ -1,0 +1,335 @@
+"""Flagship: joint debiased representation learning and clustering, with statistics pooling.
+
+This is clusterlight's reading of Rezaei et al., "Joint Debiased Representation Learning and
+Imbalanced Data Clustering" (arXiv 2109.05232). Only the paper's abstract is public (no code, no
+formulas), so the design below is ours, built from the abstract's ingredients: a representation
+network and a clustering network trained simultaneously, both using a statistics pooling block
+(mean, variance, cardinality) against class imbalance and out-of-distribution samples.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from clusterlight.cluster.kmeans import kmeans
+from clusterlight.methods.base import ClusteringModule, ClusterOutput
+from clusterlight.nn import MLP, ConvAutoencoder
+from clusterlight.nn.stats_pool import StatisticsPooling
+
+
+def mixture_log_posterior(z: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor) -> tuple[Tensor, Tensor]:
+    """Log posterior ``log q (B, K)`` of a diagonal Gaussian mixture and the Mahalanobis terms.
+
+    ``log q_bk = log pi_k - 0.5 * sum_d [(z_bd - mu_kd)^2 / var_kd + log var_kd]`` (normalised
+    over ``k``). Also returns the squared Mahalanobis distances ``(B, K)``.
+    """
+    z, mean, var = z.float(), mean.float(), var.float()
+    inv = 1.0 / var
+    # sum_d (z - mu)^2 / var without a (B, K, D) tensor
+    maha = (z * z) @ inv.T - 2.0 * z @ (mean * inv).T + (mean * mean * inv).sum(1)
+    maha = maha.clamp_min(0.0)
+    log_lik = -0.5 * (maha + torch.log(var).sum(1))
+    return torch.log_softmax(log_lik + log_prior, dim=1), maha
+
+
+def debiased_target(q: Tensor, prior: Tensor | None, power: float = 2.0) -> Tensor:
+    """Self-training target debiased by cardinality.
+
+    DEC's target ``q^2 / f`` (``f_k`` the batch's soft cluster frequency) pushes every cluster
+    towards the same size. Multiplying by the running cardinality prior ``pi_k`` of the
+    statistics pooling block removes that push: ``p_bk ~ q_bk^power * pi_k / f_k``. A cluster used
+    in the batch as often as its running size says is only sharpened, neither grown nor shrunk;
+    one suddenly over-used (absorbing others) is damped. ``prior=None`` gives DEC's target.
+    """
+    q = q.float()
+    weight = q.pow(power) / q.sum(0).clamp_min(1e-12)
+    if prior is not None:
+        weight = weight * prior.float()
+    return weight / weight.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+class DebiasedClustering(ClusteringModule):
+    """Debiased representation learning and clustering, co-trained, with statistics pooling.
+
+    **Networks.** The representation network ``R`` is a convolutional autoencoder
+    (reconstruction). The clustering network ``C`` is an MLP on ``R``'s features that embeds them
+    into a clustering space, where clusters form a diagonal Gaussian mixture. Both train at once,
+    with two optimizers (manual optimisation): each batch takes one ``R`` step, then one ``C``
+    step.
+
+    **Statistics pooling block (SPB)**, :class:`~clusterlight.nn.stats_pool.StatisticsPooling`,
+    used by both networks. It summarises each cluster (and the whole data) by mean, diagonal
+    variance and cardinality, kept as running sums across batches (all-reduced under DDP, saved in
+    checkpoints):
+
+    1. *Clusters as a mixture* (``C``): the assignment is the mixture posterior with the SPB's
+       per-cluster mean, variance and cardinality prior, so it weighs each cluster's spread and
+       size instead of the distance to a centre; the mixture starts from data statistics (k-means
+       on ``R``'s features after pretraining), never from random centres.
+    2. *Debiased target* (``C``): ``p ~ q^2 * pi / f`` (see :func:`debiased_target`): DEC's
+       ``q^2 / f`` forces equal cluster sizes, plain ``q^2`` lets big clusters absorb small ones;
+       the running cardinality ``pi`` cancels the balancing push without adding a rich-get-richer
+       one.
+    3. *OOD score* from the same statistics: the smallest per-dimension Mahalanobis distance to
+       any cluster in ``C``'s space (``ood_score: mahalanobis``) or the negative log-likelihood
+       under the mixture (``nll``); returned by ``predict`` and evaluated as ``test/ood_auroc``.
+       ``reject_quantile`` leaves samples unassigned (cluster ``-1``) whose score exceeds that
+       quantile of the training scores.
+    4. *Debiased representation* (``R``): ``R``'s reconstruction loss weighs each sample by
+       ``(K * pi_k)^-debias_strength`` for its current cluster ``k`` (tail clusters count more,
+       head clusters less; weights normalised to mean 1), and ``C`` reads ``R``'s features
+       standardised by the *cluster-balanced* mean and variance of the SPB over ``R``'s space
+       (each cluster weighs the same, so head classes do not set the scale).
+
+    **Gradients between the networks.** ``C`` reads ``R``'s features *detached*: no gradient of
+    the clustering loss reaches ``R``. The clustering loss rewards confident assignments, and
+    letting it shape the encoder lets small classes be merged into big clusters -- the bias this
+    method fights -- while reconstruction keeps every class's information. ``R`` learns from
+    ``C`` only through the pooled statistics (weights and balanced standardisation of item 4).
+
+    **Phases.** ``pretrain_epochs`` of plain reconstruction (validation clusters by k-means on
+    ``R``'s features); then the SPBs are set from a k-means partition of the whole training split
+    and both networks train.
+
+    **Ablations.** ``use_variance: false`` (unit variances: Euclidean mixture),
+    ``use_cardinality: false`` (uniform prior, DEC's balancing target, unweighted
+    reconstruction), ``cotrain: false`` (``R`` frozen after pretraining; ``C`` alone).
+
+    Args:
+        num_clusters: number of clusters (linked from the DataModule).
+        input_shape: ``(channels, height, width)`` (linked from the DataModule).
+        latent_dim: size of ``R``'s features.
+        cluster_dim: size of ``C``'s clustering space.
+        widths: channel counts of ``R``'s encoder stages.
+        norm: normalisation in ``R``: ``batch``, ``group`` or ``none``.
+        head_hidden: hidden layer sizes of ``C``'s MLP.
+        pretrain_epochs: epochs of reconstruction before clustering starts.
+        momentum: weight of the past in the SPBs' running statistics (per batch).
+        target_power: sharpening exponent of the self-training target.
+        debias_strength: exponent of the cardinality weights of ``R``'s reconstruction loss.
+        use_variance: use the pooled variances (``false``: unit variances).
+        use_cardinality: use the pooled cardinalities (``false``: uniform prior, DEC target).
+        cotrain: keep training ``R`` during clustering (``false``: ``C`` alone on a frozen ``R``).
+        ood_score: ``mahalanobis`` (smallest per-dimension Mahalanobis distance) or ``nll``.
+        reject_quantile: leave unassigned the samples whose OOD score is above this quantile of
+            the training scores (``null``: assign every sample).
+        kmeans_n_init: k-means restarts for the initial partition.
+        kmeans_seed: seed of k-means' own generator.
+        grad_clip: clip each network's gradient norm to this value (``null``: no clipping).
+        optimizer_r: optimizer factory of the representation network.
+        optimizer_c: optimizer factory of the clustering network.
+        lr_scheduler: optional scheduler factory, applied to both optimizers (stepped per epoch).
+    """
+
+    def __init__(
+        self,
+        num_clusters: int = 10,
+        input_shape: tuple[int, int, int] = (1, 28, 28),
+        latent_dim: int = 32,
+        cluster_dim: int = 16,
+        widths: list[int] = [32, 64, 128],  # noqa: B006
+        norm: str = "batch",
+        head_hidden: list[int] = [128],  # noqa: B006
+        pretrain_epochs: int = 10,
+        momentum: float = 0.9,
+        target_power: float = 2.0,
+        debias_strength: float = 0.5,
+        use_variance: bool = True,
+        use_cardinality: bool = True,
+        cotrain: bool = True,
+        ood_score: Literal["mahalanobis", "nll"] = "mahalanobis",
+        reject_quantile: float | None = None,
+        kmeans_n_init: int = 10,
+        kmeans_seed: int = 0,
+        grad_clip: float | None = None,
+        optimizer_r: OptimizerCallable = torch.optim.Adam,
+        optimizer_c: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(num_clusters, input_shape, optimizer_r, lr_scheduler)
+        if reject_quantile is not None and not 0.0 < reject_quantile < 1.0:
+            raise ValueError(f"reject_quantile must be in (0, 1) or null, got {reject_quantile}")
+        self.automatic_optimization = False
+        self.optimizer_c_factory = optimizer_c
+        k = self.num_clusters
+        self.representation = ConvAutoencoder(self.input_shape, latent_dim, widths, norm)
+        self.clustering = MLP(latent_dim, head_hidden, cluster_dim)
+        self.spb_r = StatisticsPooling(k, latent_dim, momentum)
+        self.spb_c = StatisticsPooling(k, cluster_dim, momentum)
+        self.pretrain_epochs = pretrain_epochs
+        self.target_power = target_power
+        self.debias_strength = debias_strength
+        self.use_variance = use_variance
+        self.use_cardinality = use_cardinality
+        self.cotrain = cotrain
+        self.ood_score_kind = ood_score
+        self.reject_quantile = reject_quantile
+        self.kmeans_n_init = kmeans_n_init
+        self.kmeans_seed = kmeans_seed
+        self.grad_clip = grad_clip
+        self.register_buffer("clustering_started", torch.tensor(False))
+        self.register_buffer("reject_threshold", torch.tensor(float("inf")))
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def pretraining(self) -> bool:
+        return self.current_epoch < self.pretrain_epochs and not bool(self.clustering_started)
+
+    def _balanced_standardise(self, z_r: Tensor) -> Tensor:
+        """``R``'s features standardised by the cluster-balanced SPB mean and variance."""
+        if not bool(self.spb_r.initialised):
+            return z_r
+        mean, var, count = self.spb_r.stats()
+        present = count > 1e-6
+        mu = mean[present].mean(0)
+        # balanced variance: mean within-cluster variance + variance of the cluster means
+        v = var[present].mean(0) + ((mean[present] - mu) ** 2).mean(0)
+        return (z_r.float() - mu) / v.sqrt()
+
+    def _cluster_space(self, z_r: Tensor) -> Tensor:
+        return self.clustering(self._balanced_standardise(z_r))
+
+    def _mixture(self) -> tuple[Tensor, Tensor, Tensor]:
+        mean, var, _ = self.spb_c.stats()
+        if not self.use_variance:
+            var = torch.ones_like(var)
+        prior = self.spb_c.prior() if self.use_cardinality else torch.full_like(self.spb_c.count, 1.0 / self.num_clusters)
+        return mean, var, prior
+
+    def _posterior(self, z_c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mean, var, prior = self._mixture()
+        log_q, maha = mixture_log_posterior(z_c, mean, var, prior.log())
+        return log_q, maha, prior
+
+    def _ood_scores(self, z_c: Tensor, log_q: Tensor, maha: Tensor) -> Tensor:
+        if self.ood_score_kind == "nll":
+            mean, var, prior = self._mixture()
+            log_lik = -0.5 * (maha + torch.log(var).sum(1) + z_c.shape[1] * math.log(2 * math.pi))
+            return -torch.logsumexp(log_lik + prior.log(), dim=1)
+        return maha.min(dim=1).values / z_c.shape[1]
+
+    def _touch(self, module: torch.nn.Module) -> Tensor:
+        """Zero that depends on every parameter of ``module`` (DDP then needs no unused-parameter search)."""
+        return sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
+
+    # ------------------------------------------------------------------ hooks
+    def configure_optimizers(self) -> Any:
+        opt_r = self.optimizer_factory(self.representation.parameters())
+        opt_c = self.optimizer_c_factory(self.clustering.parameters())
+        if self.lr_scheduler_factory is None:
+            return [opt_r, opt_c]
+        return [opt_r, opt_c], [self.lr_scheduler_factory(opt_r), self.lr_scheduler_factory(opt_c)]
+
+    def _step(self, opt: Any, loss: Tensor) -> None:
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if self.grad_clip is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+
+    def fit_step(self, images: Tensor, index: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        opt_r, opt_c = self.optimizers()
+        if self.pretraining:
+            z_r, recon = self.representation(images)
+            recon_loss = F.mse_loss(recon.float(), images.float())
+            self._step(opt_r, recon_loss + self._touch(self.clustering))
+            return {"loss": recon_loss.detach(), "recon": recon_loss.detach()}
+
+        # R step: reconstruction weighted by the cardinality of each sample's current cluster.
+        z_r, recon = self.representation(images)
+        per_sample = (recon.float() - images.float()).pow(2).flatten(1).mean(1)
+        with torch.no_grad():
+            log_q_now, _, prior = self._posterior(self._cluster_space(z_r.detach()))
+            if self.use_cardinality and self.debias_strength > 0:
+                w = (self.num_clusters * prior[log_q_now.argmax(1)]).pow(-self.debias_strength)
+                w = w / w.mean()
+            else:
+                w = torch.ones_like(per_sample)
+        recon_loss = (w * per_sample).mean()
+        if self.cotrain:
+            self._step(opt_r, recon_loss + self._touch(self.clustering))
+
+        # C step: self-training of the mixture posterior on detached features of R.
+        z_c = self._cluster_space(z_r.detach())
+        log_q, _, prior = self._posterior(z_c)
+        q = log_q.exp()
+        target = debiased_target(q.detach(), prior if self.use_cardinality else None, self.target_power)
+        cluster_loss = (target * (target.clamp_min(1e-12).log() - log_q)).sum(1).mean()
+        self._step(opt_c, cluster_loss + self._touch(self.representation))
+
+        # SPB updates (all-reduced under DDP): soft assignments, like an online EM M-step.
+        self.spb_r.update(z_r.detach(), q.detach())
+        self.spb_c.update(z_c.detach(), q.detach())
+        return {"loss": (recon_loss + cluster_loss).detach(), "recon": recon_loss.detach(),
+                "cluster_loss": cluster_loss.detach(),
+                "nonempty_clusters": (q.argmax(1).bincount(minlength=self.num_clusters) > 0).sum().float()}
+
+    def on_train_epoch_start(self) -> None:
+        if not self.pretraining and not bool(self.clustering_started):
+            self.init_clusters()
+            self.clustering_started.fill_(True)
+            rank_zero_info(f"DebiasedClustering: clustering starts at epoch {self.current_epoch}")
+
+    def on_train_epoch_end(self) -> None:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        for sch in schedulers if isinstance(schedulers, list) else [schedulers]:
+            sch.step()
+        if bool(self.clustering_started) and self.reject_quantile is not None:
+            self._set_reject_threshold()
+
+    def init_clusters(self) -> None:
+        """Both SPBs from a k-means partition of ``R``'s features of the whole training split."""
+        z_r = self.compute_on_split(lambda x: self.representation.encode(x))
+        labels = None
+        if self.trainer.is_global_zero:
+            labels = kmeans(z_r, self.num_clusters, n_init=self.kmeans_n_init, seed=self.kmeans_seed).labels
+        labels = self.broadcast_tensor(labels)
+        onehot = F.one_hot(labels, self.num_clusters).float()
+        self.spb_r.reset_from(z_r, onehot)
+        z_c = self.compute_on_split(lambda x: self._cluster_space(self.representation.encode(x)))
+        self.spb_c.reset_from(z_c, onehot)
+
+    def _set_reject_threshold(self) -> None:
+        scores = self.compute_on_split(lambda x: self._outputs(x).ood_score)
+        self.reject_threshold.fill_(float(torch.quantile(scores.float(), self.reject_quantile)))
+
+    def refresh_clusters(self) -> None:
+        # Before clustering starts, validation clusters come from k-means on R's features.
+        if not bool(self.clustering_started):
+            self.init_clusters()
+
+    def clusters_ready(self) -> bool:
+        return bool(self.spb_c.initialised)
+
+    def embed(self, images: Tensor) -> Tensor:
+        return self._cluster_space(self.representation.encode(images))
+
+    def _outputs(self, images: Tensor) -> ClusterOutput:
+        z_c = self.embed(images)
+        log_q, maha = self._posterior(z_c)[:2]
+        conf, cluster = log_q.exp().max(1)
+        return ClusterOutput(cluster=cluster, confidence=conf, ood_score=self._ood_scores(z_c, log_q, maha),
+                             embedding=z_c)
+
+    def cluster_outputs(self, images: Tensor) -> ClusterOutput:
+        out = self._outputs(images)
+        if self.reject_quantile is not None and torch.isfinite(self.reject_threshold):
+            out.cluster = torch.where(out.ood_score > self.reject_threshold, torch.full_like(out.cluster, -1),
+                                      out.cluster)
+        return out
+
+    def eval_loss(self, images: Tensor, index: Tensor) -> Tensor:
+        if not bool(self.clustering_started):
+            return torch.tensor(float("inf"), device=images.device)
+        log_q, _, prior = self._posterior(self.embed(images))
+        target = debiased_target(log_q.exp(), prior if self.use_cardinality else None, self.target_power)
+        return (target * (target.clamp_min(1e-12).log() - log_q)).sum(1).mean()

@@ -1,0 +1,102 @@
+"""The flagship's statistics pooling block, mixture and target against independent references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+
+from clusterlight.cli import main
+from clusterlight.methods.dec import target_distribution
+from clusterlight.methods.debiased import debiased_target, mixture_log_posterior
+from clusterlight.nn.stats_pool import StatisticsPooling
+from tests.conftest import METHOD_ARGS, base_args, data_args
+
+
+def _numpy_stats(x: np.ndarray, w: np.ndarray):
+    n = w.sum(0)
+    mean = (w.T @ x) / n[:, None]
+    var = np.stack([(w[:, k:k + 1] * (x - mean[k]) ** 2).sum(0) / n[k] for k in range(w.shape[1])])
+    return mean, var, n
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_spb_batch_statistics_match_numpy(soft: bool) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 6)) * rng.uniform(0.5, 3, 6) + 2
+    w = rng.dirichlet(np.ones(4), 50) if soft else np.eye(4)[rng.integers(0, 4, 50)]
+    spb = StatisticsPooling(4, 6)
+    out = spb(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(w, dtype=torch.float32))
+    mean, var, n = _numpy_stats(x, w)
+    np.testing.assert_allclose(out["mean"].numpy(), mean, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["var"].numpy(), var, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(out["count"].numpy(), n, rtol=1e-5)
+    np.testing.assert_allclose(out["batch_mean"].numpy(), x.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["batch_var"].numpy(), x.var(0), rtol=1e-3, atol=1e-5)
+    assert out["pooled"].shape == (4, 2 * 6 + 1)
+
+
+def test_spb_running_statistics_are_those_of_the_weighted_pooled_data() -> None:
+    """With momentum m the running sums are m * old + (1 - m) * new; stats derive from the sums."""
+    rng = np.random.default_rng(1)
+    m = 0.7
+    spb = StatisticsPooling(3, 5, momentum=m, min_var=0.0)
+    batches = [(rng.normal(size=(40, 5)), rng.dirichlet(np.ones(3), 40)) for _ in range(3)]
+    sums = None
+    for i, (x, w) in enumerate(batches):
+        spb.update(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(w, dtype=torch.float32))
+        new = (w.sum(0), w.T @ x, w.T @ x ** 2)
+        sums = new if i == 0 else tuple(m * a + (1 - m) * b for a, b in zip(sums, new))
+    mean, var, n = spb.stats()
+    ref_mean = sums[1] / sums[0][:, None]
+    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(var.numpy(), sums[2] / sums[0][:, None] - ref_mean ** 2, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(n.numpy(), sums[0], rtol=1e-5)
+    np.testing.assert_allclose(spb.prior().numpy(), sums[0] / sums[0].sum(), rtol=1e-5)
+
+
+def test_mixture_posterior_matches_scipy() -> None:
+    rng = np.random.default_rng(2)
+    z, mean = rng.normal(size=(8, 3)), rng.normal(size=(4, 3))
+    var, prior = rng.uniform(0.3, 2.0, size=(4, 3)), rng.dirichlet(np.ones(4))
+    log_q, maha = mixture_log_posterior(*(torch.as_tensor(a, dtype=torch.float64) for a in (z, mean, var)),
+                                        torch.as_tensor(np.log(prior)))
+    joint = np.stack([np.log(prior[k]) + multivariate_normal(mean[k], np.diag(var[k])).logpdf(z)
+                      for k in range(4)], 1)
+    ref = joint - np.logaddexp.reduce(joint, axis=1, keepdims=True)
+    np.testing.assert_allclose(log_q.numpy(), ref, atol=1e-4)
+    ref_maha = np.stack([(((z - mean[k]) ** 2) / var[k]).sum(1) for k in range(4)], 1)
+    np.testing.assert_allclose(maha.numpy(), ref_maha, rtol=1e-4, atol=1e-4)
+
+
+def test_debiased_target() -> None:
+    q = torch.softmax(torch.randn(30, 5, generator=torch.Generator().manual_seed(3)), 1)
+    prior = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    p = debiased_target(q, prior).numpy()
+    qn = q.numpy()
+    ref = qn ** 2 / qn.sum(0) * prior.numpy()
+    ref /= ref.sum(1, keepdims=True)
+    np.testing.assert_allclose(p, ref, rtol=1e-5)
+    np.testing.assert_allclose(debiased_target(q, None).numpy(), target_distribution(q).numpy(), rtol=1e-5)
+
+
+def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path) -> None:
+    common = METHOD_ARGS["DebiasedClustering"] + data_args("digits", max_samples=400) + base_args(tmp_path, epochs=2)
+    fit = main(["fit", *common])
+    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    assert bool(fit.model.spb_c.initialised) and float(fit.model.spb_c.count.sum()) > 0
+    fresh = main(["test", *common, f"--ckpt_path={ckpt}"])
+    for name in ("count", "sum", "sum_sq", "total_count", "total_sum", "total_sum_sq"):
+        for spb in ("spb_r", "spb_c"):
+            a = getattr(getattr(fit.model, spb), name)
+            b = getattr(getattr(fresh.model, spb), name)
+            assert torch.equal(a, b), f"{spb}.{name}"
+    # the untrained model would have empty statistics; the restored one predicts as the fitted one
+    x = torch.stack([fit.datamodule.test_dataset[i]["image"] for i in range(64)])
+    fit.model.eval()
+    fresh.model.eval()
+    with torch.no_grad():
+        assert torch.equal(fit.model.cluster_outputs(x).cluster, fresh.model.cluster_outputs(x).cluster)
