@@ -25,7 +25,10 @@ def project_2d(embedding: np.ndarray, method: str = "pca", seed: int = 0) -> np.
     if method == "umap":
         import umap
 
-        return umap.UMAP(n_components=2, random_state=seed, n_jobs=1).fit_transform(x)
+        from clusterlight.cluster.umap_hdbscan import preserve_torch_threads
+
+        with preserve_torch_threads():
+            return umap.UMAP(n_components=2, random_state=seed, n_jobs=1).fit_transform(x)
     if method == "tsne":
         from sklearn.manifold import TSNE
 

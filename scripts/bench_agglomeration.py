@@ -58,7 +58,8 @@ while state.n_clusters > args["target"]:
 t2 = time.perf_counter()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({
-    "n": n, "dim": d, "k_s": args["k_s"], "threads": args["threads"], "round_fraction": args["round_fraction"],
+    "n": n, "dim": d, "k_s": args["k_s"], "threads": args["threads"],
+    "round_fraction": args["round_fraction"],
     "initial_clusters": n_init, "final_clusters": state.n_clusters, "forward_steps": steps,
     "knn_s": round(t1 - t0, 2), "agg_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2),
     "peak_rss_mb": round(peak, 1), "rss_over_base_mb": round(peak - base, 1),
@@ -68,7 +69,8 @@ print(json.dumps({
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 70_000, 200_000])
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--components", type=int, default=10)
@@ -82,17 +84,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="append the records as JSON lines")
     args = parser.parse_args()
-    print(f"{'N':>8} {'init C':>7} {'knn s':>7} {'agg s':>7} {'total s':>8} {'peak MB':>8} {'+MB':>7} {'NMI':>6}")
+    header = ("N", "init C", "knn s", "agg s", "total s", "peak MB", "+MB", "NMI")
+    widths = (8, 7, 7, 7, 8, 8, 7, 6)
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths)))
     for n in args.sizes:
         child = {k: v for k, v in vars(args).items() if k not in ("sizes", "out")} | {"n": n}
-        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(child)], capture_output=True, text=True,
-                              cwd=REPO)
+        cmd = [sys.executable, "-c", CHILD, json.dumps(child)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
             raise SystemExit(proc.returncode)
         rec = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{rec['n']:>8} {rec['initial_clusters']:>7} {rec['knn_s']:>7} {rec['agg_s']:>7} {rec['total_s']:>8} "
-              f"{rec['peak_rss_mb']:>8} {rec['rss_over_base_mb']:>7} {rec['nmi']:>6}", flush=True)
+        keys = ("n", "initial_clusters", "knn_s", "agg_s", "total_s", "peak_rss_mb", "rss_over_base_mb",
+                "nmi")
+        print(" ".join(f"{rec[k]!s:>{w}}" for k, w in zip(keys, widths)), flush=True)
         if args.out is not None:
             with args.out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")

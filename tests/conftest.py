@@ -49,6 +49,18 @@ METHOD_ARGS: dict[str, list[str]] = {
     "DebiasedClustering": ["--model=DebiasedClustering", "--model.widths=[16, 32]", "--model.kmeans_n_init=2",
                            "--model.pretrain_epochs=1", "--model.latent_dim=8", "--model.cluster_dim=4",
                            "--model.head_hidden=[16]"],
+    "JULE": ["--model=JULE", "--model.conv_channels=16", "--model.feature_dim=32", "--model.epochs_per_period=1",
+             "--model.unfolding_rate=0.7"],
+    "OnlineHardClustering": ["--model=OnlineHardClustering", "--model.widths=[16, 32]", "--model.latent_dim=16",
+                             "--model.centroid_init=kmeans", "--model.kmeans_n_init=1"],
+    "OnlineHardClustering-sinkhorn": ["--model=OnlineHardClustering", "--model.widths=[16, 32]",
+                                      "--model.latent_dim=16", "--model.assignment=sinkhorn",
+                                      "--model.centroid_init=kmeans", "--model.kmeans_n_init=1"],
+    "SPC": ["--model=SPC", "--model.num_members=2", "--model.latent_dim=8", "--model.widths=[16, 32]",
+            "--model.head_hidden=8", "--model.pretrain_epochs=1", "--model.epochs_per_meta=1",
+            "--model.clusterer=gmm", "--model.noise=0.1", "--model.optimizer=torch.optim.Adam",
+            "--model.optimizer.lr=0.01",  # a few steps only: heads need a large step to leave their init
+            "--trainer.callbacks+=clusterlight.methods.spc.PseudoLabelPrecision"],
 }
 
 

@@ -11,9 +11,10 @@ Definitions (paper, section 3 / authors' ``affinity.lua`` and ``agg_clustering.l
 * **Graph.** Directed kNN graph over the features ``x_i``: an edge ``i -> j`` for each of the
   ``K_s`` nearest neighbours ``j`` of ``i`` (self excluded), with weight
   ``W_ij = exp(-||x_i - x_j||² / σ²)`` and ``σ² = mean over all N·K_s edges of ||x_i - x_j||²``.
-  Squared Euclidean distances in both places: the paper writes ``||·||²₂`` and the authors'
-  code takes the mean of the kNN distances it exponentiates as ``σ²`` (printing ``sqrt`` of it as
-  σ). ``K_s = 20`` is the paper's and the code's default.
+  Squared Euclidean distances in both places: the authors' ``affinity.compute`` averages the
+  same kNN distances it exponentiates into ``σ²`` (and prints ``sqrt`` of it as σ), and the
+  graph-degree-linkage toolbox shipped in their repository (``gacBuildDigraph.m``) documents
+  ``w_ij = exp(-d_ij² / σ²)`` with ``σ²`` the mean of ``d_ij²``. ``K_s = 20`` (``-K_s`` default).
 * **Initial clusters.** Each sample joins its nearest neighbour: the clusters are the connected
   components of the 1-NN graph (``agg_clustering.init`` follows the 1-NN chains; it also cuts
   chains after 50 hops, which only matters for pathological inputs and is not reproduced).
@@ -27,16 +28,17 @@ Definitions (paper, section 3 / authors' ``affinity.lua`` and ``agg_clustering.l
   merge, so they are kept in one table of at most ``2·N·K_s`` (sample, cluster) entries that only
   shrinks; the cluster affinities are re-derived from it with a few sorts after each round of
   merges. Only pairs of clusters with ``A > 0`` (joined by such 2-paths) are ever stored.
-* **Merge criterion** (paper, eq. for the forward pass; ``search_clusters`` in the code): with
+* **Merge criterion** (the forward-pass objective; ``search_clusters`` in the code): with
   ``a_1 ≥ a_2 ≥ ... ≥ a_{K_c}`` the affinities of cluster ``C_i`` to its ``K_c`` most affine
   clusters (missing neighbours count as 0), the cluster maximising::
 
       score(C_i) = a_1 + λ / (K_c - 1) · Σ_{k=2..K_c} (a_1 - a_k)
 
   is merged with its most affine cluster. The first term is the affinity to the nearest
-  cluster, the second the gap to the next ``K_c - 1`` (local structure). ``K_c = 5`` and
-  ``λ = 1`` as in the paper/code. (The authors' code only adds the gap term while more than
-  100 clusters remain and keeps an upper-triangular matrix; we follow the paper's formula.)
+  cluster, the second the gap to the next ``K_c - 1`` (local structure). ``K_c = 5`` (``-K_c``
+  default) and ``λ = 1`` (the code adds the gaps with weight ``1 / (K_c - 1)``). Two quirks of the
+  code are not reproduced: it adds the gap term only while more than 100 clusters remain, and
+  its affinity matrix is upper-triangular, so a cluster only sees neighbours of lower index.
 * **Forward step** (one partially unrolled period of the recurrent process): merge
   ``min(⌈η · n_c⌉, n_c - n_target)`` pairs, ``η`` the unfolding rate (0.9 by default, 0.2 for
   faces in the paper), ``n_c`` the number of clusters at the start of the step
@@ -51,10 +53,12 @@ gives the paper's one-merge-per-step greedy; the default (0.1) trades a little o
 sequential order for speed.
 
 Clusters with no affinity to any other cluster (no 2-path to anyone) cannot be ranked by the
-criterion. As the authors' code does before each period, they are first merged into the cluster
-with the nearest centroid; when *no* pair has a positive affinity left (e.g. disconnected
-components of the kNN graph) the remaining merges pair the clusters with the nearest centroids.
-Both use the features the graph was built from (without them: the smallest clusters).
+criterion. As the authors' code does before a period while more than ``20 · K`` clusters remain,
+a forward step then first merges them into the cluster with the nearest centroid (they are
+outliers at that stage; later an isolated cluster is a whole separated group and waits). When
+*no* pair has a positive affinity left (e.g. disconnected components of the kNN graph) the
+remaining merges pair the clusters with the nearest centroids. Both use the features the graph
+was built from (without them: the largest linked cluster, resp. the smallest clusters).
 
 :func:`dense_affinity` and :func:`dense_merge_choice` are the naive dense definitions, for
 tests on small inputs only.
@@ -74,6 +78,7 @@ from torch import Tensor
 from clusterlight.errors import ClusterlightError
 
 __all__ = [
+    "ISOLATED_FACTOR",
     "Agglomeration",
     "KnnGraph",
     "affinity_weights",
@@ -93,28 +98,38 @@ __all__ = [
 
 
 @torch.no_grad()
-def knn_graph(x: Tensor, k: int, chunk_size: int = 1024, col_chunk_size: int = 8192) -> tuple[Tensor, Tensor]:
+def knn_graph(
+    x: Tensor, k: int, chunk_size: int | None = None, col_chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
     """The ``k`` nearest neighbours of every row of ``x`` (itself excluded), by chunked matmul.
 
-    Squared Euclidean distances ``|x_i|² - 2 x_i·x_j + |x_j|²`` are computed block by block
-    (``chunk_size`` rows × ``col_chunk_size`` columns) and merged into a running top-k, so memory
-    is O(N·k + chunk_size·col_chunk_size), never N×N.
+    Squared Euclidean distances are ranked block by block (``chunk_size`` rows ×
+    ``col_chunk_size`` columns, ``|x_j|² - 2 x_i·x_j`` in one ``addmm`` into a reused buffer) and
+    merged into a running top-k: the first column block by ``topk``, later ones only through
+    the few entries below each row's current k-th distance. Memory is
+    O(N·k + chunk_size·col_chunk_size), never N×N.
 
     Args:
         x: ``Tensor[N, D]`` on any device (float64 stays float64, anything else is float32).
         k: neighbours per point, ``1 <= k <= N - 1``.
-        chunk_size: query rows per block.
-        col_chunk_size: candidate columns per block.
+        chunk_size: query rows per block (default 256 on CPU, where small blocks stay in cache,
+            4096 on accelerators).
+        col_chunk_size: candidate columns per block (default 2048 on CPU, 16384 elsewhere).
 
     Returns:
         ``(indices, distances)``: ``LongTensor[N, k]`` and the squared distances ``[N, k]``,
-        each row sorted by increasing distance, on the device of ``x``.
+        each row sorted by increasing distance (ties: lower index first within a block), on
+        the device of ``x``.
     """
     if x.ndim != 2:
         raise ClusterlightError(f"knn_graph expects points of shape [N, D], got {tuple(x.shape)}")
     n = x.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n - 1:
-        raise ClusterlightError(f"k must be an integer in [1, N - 1] = [1, {n - 1}], got {k!r}")
+        raise ClusterlightError(f"k must be an integer in [1, N - 1] = [1, {max(n - 1, 0)}], got {k!r}")
+    dev = x.device
+    on_cpu = dev.type == "cpu"
+    chunk_size = chunk_size or (256 if on_cpu else 4096)
+    col_chunk_size = col_chunk_size or (2048 if on_cpu else 16384)
     if chunk_size < 1 or col_chunk_size < 1:
         raise ClusterlightError(f"chunk sizes must be >= 1, got {chunk_size}, {col_chunk_size}")
     x = x.detach()
@@ -123,29 +138,57 @@ def knn_graph(x: Tensor, k: int, chunk_size: int = 1024, col_chunk_size: int = 8
         raise ClusterlightError("knn_graph input contains NaN or infinite values")
     x = x - x.mean(0)  # distances are shift invariant; centring improves the expansion's precision
     sq = (x * x).sum(1)
-    out_i = torch.empty(n, k, dtype=torch.long, device=x.device)
-    out_d = torch.empty(n, k, dtype=x.dtype, device=x.device)
+    rows_max, cols_max = min(chunk_size, n), min(col_chunk_size, n)
+    buf = torch.empty(rows_max * cols_max, dtype=x.dtype, device=dev)
+    # numpy's compare + flatnonzero is several times faster than torch's nonzero on CPU
+    mask = np.empty(rows_max * cols_max, dtype=bool) if on_cpu else \
+        torch.empty(rows_max * cols_max, dtype=torch.bool, device=dev)
+    out_i = torch.empty(n, k, dtype=torch.long, device=dev)
+    out_d = torch.empty(n, k, dtype=x.dtype, device=dev)
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
-        rows = torch.arange(s, e, device=x.device)
-        best_d = torch.full((e - s, k), math.inf, dtype=x.dtype, device=x.device)
-        best_i = torch.zeros(e - s, k, dtype=torch.long, device=x.device)
+        r = e - s
+        best_d = torch.full((r, k), math.inf, dtype=x.dtype, device=dev)
+        best_i = torch.zeros(r, k, dtype=torch.long, device=dev)
+        filled = 0  # columns seen so far
         for t in range(0, n, col_chunk_size):
             u = min(n, t + col_chunk_size)
-            d = sq[s:e, None] - 2.0 * (x[s:e] @ x[t:u].T) + sq[None, t:u]
-            d.clamp_(min=0)
+            c = u - t
+            d = buf[: r * c].view(r, c)
+            torch.addmm(sq[None, t:u], x[s:e], x[t:u].T, beta=1, alpha=-2, out=d)  # |x_j|² - 2 x_i·x_j
             lo, hi = max(s, t), min(e, u)
             if lo < hi:  # the block holds the diagonal: exclude each point itself
-                r = torch.arange(lo, hi, device=x.device)
-                d[r - s, r - t] = math.inf
-            kk = min(k, u - t)
-            vals, idx = torch.topk(d, kk, dim=1, largest=False, sorted=True)
-            cat_d = torch.cat([best_d, vals], 1)
-            cat_i = torch.cat([best_i, idx + t], 1)
-            best_d, pos = torch.topk(cat_d, k, dim=1, largest=False, sorted=True)
-            best_i = torch.gather(cat_i, 1, pos)
-        out_i[rows] = best_i
-        out_d[rows] = best_d
+                diag = torch.arange(lo, hi, device=dev)
+                d[diag - s, diag - t] = math.inf
+            if filled < k:  # too few columns seen for a threshold yet: plain top-k merge
+                kk = min(k, c)
+                vals, idx = torch.topk(d, kk, dim=1, largest=False, sorted=True)
+                cat_d, cat_i = torch.cat([best_d, vals], 1), torch.cat([best_i, idx + t], 1)
+                best_d, pos = torch.topk(cat_d, k, dim=1, largest=False, sorted=True)
+                best_i = torch.gather(cat_i, 1, pos)
+            else:  # only entries below each row's current k-th value can enter
+                if on_cpu:
+                    m = mask[: r * c].reshape(r, c)
+                    np.less(d.numpy(), best_d[:, -1:].numpy(), out=m)
+                    flat = torch.from_numpy(np.flatnonzero(m))
+                    cr, cc = flat // c, flat % c
+                else:
+                    m = mask[: r * c].view(r, c)
+                    torch.lt(d, best_d[:, -1:], out=m)
+                    cr, cc = m.nonzero().unbind(1)
+                if cr.numel():  # candidates come row by row: pad them beside the current best
+                    counts = torch.bincount(cr, minlength=r)
+                    slot = torch.arange(cr.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[cr]
+                    width = k + int(counts.max())
+                    pad_d = torch.full((r, width), math.inf, dtype=x.dtype, device=dev)
+                    pad_i = torch.zeros(r, width, dtype=torch.long, device=dev)
+                    pad_d[:, :k], pad_i[:, :k] = best_d, best_i
+                    pad_d[cr, k + slot], pad_i[cr, k + slot] = d[cr, cc], cc + t
+                    best_d, pos = torch.topk(pad_d, k, dim=1, largest=False, sorted=True)
+                    best_i = torch.gather(pad_i, 1, pos)
+            filled += c
+        out_i[s:e] = best_i
+        out_d[s:e] = (best_d + sq[s:e, None]).clamp_(min=0)
     return out_i, out_d
 
 
@@ -189,7 +232,9 @@ class KnnGraph:
         return int(self.indices.shape[0])
 
 
-def build_graph(x: Tensor, k_s: int = 20, chunk_size: int = 1024, keep_features: bool = True) -> KnnGraph:
+def build_graph(
+    x: Tensor, k_s: int = 20, chunk_size: int | None = None, keep_features: bool = True
+) -> KnnGraph:
     """kNN graph of ``x`` with ``K_s = min(k_s, N - 1)`` neighbours and JULE's weights."""
     n = x.shape[0] if x.ndim == 2 else 0
     if n < 2:
@@ -216,6 +261,11 @@ def initial_clusters(indices: Tensor) -> Tensor:
     graph = coo_matrix((np.ones(n, dtype=np.int8), (np.arange(n), nn1)), shape=(n, n))
     _, labels = connected_components(graph, directed=True, connection="weak")
     return torch.from_numpy(labels.astype(np.int64))
+
+
+#: Isolated clusters are absorbed at the start of a forward step while more than this many
+#: times the target number of clusters remain (``affinity.compute4cluster`` in the authors' code).
+ISOLATED_FACTOR = 20
 
 
 def forward_step_merges(n_clusters: int, n_target: int, unfolding_rate: float) -> int:
@@ -287,12 +337,15 @@ class Agglomeration:
         self.features = graph.features
         self.labels = _compact(lab)
         self.sizes = np.bincount(self.labels).astype(np.int64)
-        nbr = graph.indices.cpu().numpy().astype(np.int64).reshape(-1)
+        if n >= 2**31 or self.n_clusters >= 2**31:
+            raise ClusterlightError(f"too many samples for the agglomeration's int32 indices: {n}")
+        nbr = graph.indices.cpu().numpy().astype(np.int32).reshape(-1)
         w = graph.weights.cpu().numpy().astype(np.float64).reshape(-1)
-        src = np.repeat(np.arange(n, dtype=np.int64), k)
+        src = np.repeat(np.arange(n, dtype=np.int32), k)
         # (sample q, cluster X) entries: out_X(q) from the edges q -> r, in_X(q) from p -> q.
         q = np.concatenate([src, nbr])
-        x = np.concatenate([self.labels[nbr], self.labels[src]])
+        x = np.concatenate([self.labels[nbr], self.labels[src]]).astype(np.int32)
+        del src, nbr
         zeros = np.zeros_like(w)
         self._set_table(q, x, np.concatenate([zeros, w]), np.concatenate([w, zeros]))
         self._update()
@@ -311,19 +364,22 @@ class Agglomeration:
 
     # -- internals
     def _set_table(self, q: np.ndarray, x: np.ndarray, vin: np.ndarray, vout: np.ndarray) -> None:
-        """Drop entries inside their own cluster and sum duplicate (q, X) entries."""
-        keep = x != self.labels[q]
-        q, x, vin, vout = q[keep], x[keep], vin[keep], vout[keep]
-        key = q * self.n_clusters + x
-        order = np.argsort(key, kind="stable")
+        """Drop entries inside their own cluster and sum duplicate (q, X) entries (int32 ids)."""
+        idx = np.flatnonzero(x != self.labels[q])
+        key = q[idx].astype(np.int64) * self.n_clusters + x[idx]
+        order = np.argsort(key, kind="stable")  # nearly sorted after a relabelling: timsort runs
         key = key[order]
+        idx = idx[order]
+        del order
         starts = _group_starts(key)
+        del key
+        first = idx[starts]
         if starts.size:
-            vin = np.add.reduceat(vin[order], starts)
-            vout = np.add.reduceat(vout[order], starts)
+            vin = np.add.reduceat(vin[idx], starts)
+            vout = np.add.reduceat(vout[idx], starts)
         else:
             vin, vout = vin[:0], vout[:0]
-        self._q, self._x, self._in, self._out = q[order][starts], x[order][starts], vin, vout
+        self._q, self._x, self._in, self._out = q[first], x[first].astype(np.int32), vin, vout
 
     def _update(self) -> None:
         """Cluster affinities from the (sample, cluster) table, then the criterion."""
@@ -332,9 +388,9 @@ class Agglomeration:
         m = prod > 0
         xs, ys = self._x[m], self.labels[self._q[m]]
         val = prod[m] / self.sizes[xs].astype(np.float64) ** 2  # |C_X|⁻² Σ_{q∈C_Y} in_X(q) out_X(q)
-        lo, hi = np.minimum(xs, ys), np.maximum(xs, ys)
+        lo, hi = np.minimum(xs, ys).astype(np.int64), np.maximum(xs, ys)
         key = lo * c + hi
-        order = np.argsort(key, kind="stable")
+        order = np.argsort(key)
         key = key[order]
         starts = _group_starts(key)
         self.pair_a = np.add.reduceat(val[order], starts) if starts.size else val[:0]
@@ -350,7 +406,10 @@ class Agglomeration:
         owner = np.concatenate([self.pair_i, self.pair_j])
         other = np.concatenate([self.pair_j, self.pair_i])
         aff = np.concatenate([self.pair_a, self.pair_a])
-        order = np.lexsort((other, -aff, owner))  # by owner, then affinity down, then id
+        # by owner, then affinity down, then id (three stable sorts: much faster than lexsort)
+        order = np.argsort(other, kind="stable")
+        order = order[np.argsort(-aff[order], kind="stable")]
+        order = order[np.argsort(owner[order], kind="stable")]
         owner, other, aff = owner[order], other[order], aff[order]
         starts = _group_starts(owner)
         counts = np.diff(np.append(starts, owner.size))
@@ -373,7 +432,7 @@ class Agglomeration:
         mapping = new_id[rep]
         self.labels = mapping[self.labels]
         self.sizes = np.bincount(self.labels, minlength=int(keep.sum())).astype(np.int64)
-        self._set_table(self._q, mapping[self._x], self._in, self._out)
+        self._set_table(self._q, mapping[self._x].astype(np.int32), self._in, self._out)
         self._update()
 
     def _centroids(self) -> Tensor | None:
@@ -386,7 +445,7 @@ class Agglomeration:
     def _max_pairs(self, remaining: int) -> int:
         return max(1, min(remaining, int(self.round_fraction * self.n_clusters)))
 
-    def _round_pairs(self, max_pairs: int) -> list[tuple[int, int]]:
+    def round_pairs(self, max_pairs: int) -> list[tuple[int, int]]:
         """Disjoint pairs (cluster, its most affine cluster) by decreasing criterion."""
         cand = np.flatnonzero(self.partner >= 0)
         order = cand[np.lexsort((cand, -self.score[cand]))]
@@ -440,29 +499,50 @@ class Agglomeration:
         return pairs
 
     # -- public
+    def absorb_isolated(self, budget: int) -> int:
+        """Merge up to ``budget`` isolated clusters into their nearest linked cluster.
+
+        A cluster is isolated when it has no affinity to any other. The authors' code does this
+        before a period while more than ``20 · K`` clusters remain (such clusters are then
+        outliers); later an isolated cluster is a whole separated group and should stay.
+        Returns the number of merges (0 when nothing is isolated or nothing is linked).
+        """
+        isolated = np.flatnonzero(self.partner < 0)
+        budget = min(budget, self.n_clusters - 1)
+        if budget <= 0 or not isolated.size or not self.pair_a.size:
+            return 0
+        c = self.n_clusters
+        self._apply(self._absorb_isolated(isolated, budget))
+        return c - self.n_clusters
+
     def merge_round(self, remaining: int) -> int:
-        """One round of at most ``remaining`` merges; returns how many were made."""
+        """One round of at most ``remaining`` merges; returns how many were made.
+
+        Disjoint pairs by the criterion (isolated clusters wait); when no pair of clusters has a
+        positive affinity, disjoint pairs of nearest centroids.
+        """
         c = self.n_clusters
         remaining = min(remaining, c - 1)
         if remaining <= 0:
             return 0
-        isolated = np.flatnonzero(self.partner < 0)
-        if self.pair_a.size and isolated.size:
-            rep = self._absorb_isolated(isolated, remaining)
-        else:
-            pairs = self._round_pairs(self._max_pairs(remaining)) if self.pair_a.size else \
-                self._fallback_pairs(self._max_pairs(remaining))
-            rep = np.arange(c)
-            if pairs:
-                a = np.array(pairs, dtype=np.int64)
-                rep[a.max(1)] = a.min(1)
+        max_pairs = self._max_pairs(remaining)
+        pairs = self.round_pairs(max_pairs) if self.pair_a.size else self._fallback_pairs(max_pairs)
+        rep = np.arange(c)
+        a = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        rep[a.max(1)] = a.min(1)
         self._apply(rep)
         return c - self.n_clusters
 
-    def merge(self, n_merges: int) -> int:
-        """Exactly ``min(n_merges, n_c - 1)`` merges, in rounds; returns the number made."""
-        done = 0
+    def merge(self, n_merges: int, absorb_isolated: bool = False) -> int:
+        """Exactly ``min(n_merges, n_c - 1)`` merges, in rounds; returns the number made.
+
+        Args:
+            n_merges: merges to make.
+            absorb_isolated: first merge the clusters that are isolated now into their nearest
+                linked cluster (:meth:`absorb_isolated`), counted among the ``n_merges``.
+        """
         target = min(max(0, int(n_merges)), self.n_clusters - 1)
+        done = self.absorb_isolated(target) if absorb_isolated else 0
         while done < target:
             made = self.merge_round(target - done)
             if made == 0:  # cannot happen (a round always merges); guards against a silent loop
@@ -495,7 +575,7 @@ def agglomerate(
     lam: float = 1.0,
     round_fraction: float = 0.1,
     max_steps: int | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """JULE's agglomerative clustering of ``x`` down to ``n_target`` clusters.
 
@@ -531,7 +611,8 @@ def agglomerate(
     state = Agglomeration(graph, labels, k_c=k_c, lam=lam, round_fraction=round_fraction)
     steps = 0
     while state.n_clusters > n_target and (max_steps is None or steps < max_steps):
-        state.merge(forward_step_merges(state.n_clusters, n_target, unfolding_rate))
+        state.merge(forward_step_merges(state.n_clusters, n_target, unfolding_rate),
+                    absorb_isolated=state.n_clusters > ISOLATED_FACTOR * n_target)
         steps += 1
     return torch.from_numpy(state.labels.copy())
 

@@ -25,35 +25,36 @@ Why the vectorised greedy is exact
 Write ``v(b, c; n) = base[b, c] + pen[n]`` and ``≺`` for the order above. The greedy picks the
 ≺-smallest free pair at the current counts. Three facts carry the algorithm:
 
-1. A cluster takes its points in a fixed order. Once the greedy picks cluster ``c`` it picks
-   ``c``'s ≺-nearest free point, so ``c``'s points arrive in increasing ``(base[., c], index)``.
-2. Values only rise. Counts never decrease and ``pen`` is increasing, so the value a pair can
-   still be taken at is at least its value at the current counts.
-3. Hence a whole prefix of each cluster's sorted free list can be settled at once. Let
-   ``b_1, b_2, ...`` be ``c``'s free points sorted by ``(base[., c], index)``, ``w_j =
-   v(b_j, c; n_c + j - 1)`` the value at which ``c`` would take ``b_j`` as its ``j``-th next
-   point, and ``m_j = max(b_1..b_j)``. Entry ``j`` is *safe* when
+1. A cluster takes its points in a fixed order: ``c``'s candidate at any count is its first
+   free point in ``(base[., c], index)`` order. This needs adding ``pen[n]`` never to merge two
+   different costs of a column in float64; it is checked once per call (every gap between
+   distinct sorted costs above two ulps of the largest sum), and when it fails the literal loop
+   runs instead (only with costs ~1e-16 apart relative to their size).
+2. Values only rise. Counts never decrease and ``pen`` is increasing, so the value at which a
+   pair can still be taken is at least its value at the current counts.
+3. Hence a whole prefix of each cluster's free list can be settled at once. Let ``b_1, b_2, ...``
+   be ``c``'s free points in that order, ``w_j = v(b_j, c; n_c + j - 1)`` the value at which
+   ``c`` would take ``b_j`` as its ``j``-th next point, and ``m_j = max(b_1..b_j)``. Entry ``j``
+   is *safe* when ``(w_j, m_j, c) ≺ (v(b_j, c''; n_c''), b_j, c'')`` for every other cluster
+   ``c''`` (the right side is, by fact 2, at most the triple with which ``c''`` could ever take
+   ``b_j``). If entries ``1..j`` are all safe, ``b_1..b_j`` go to ``c`` as its next ``j``
+   points in the true greedy run: were some ``b_j`` taken by ``c''`` while ``c`` still waits at
+   ``b_{k+1}`` (``k < j``), the free pair ``(b_{k+1}, c)`` (value ``w_{k+1} <= w_j``, index
+   ``<= m_j``) would be ≺ the pair taken, contradicting the greedy choice; and by fact 1 ``c``
+   takes nothing else first. Settling every cluster's safe prefix at once and continuing the
+   greedy from the new state gives the same remaining assignments: a cluster takes all of its
+   prefix before any other point, so its count is the same in both runs whenever it takes a
+   non-prefix point, while other clusters' counts are only higher and the free set only
+   smaller, which cannot make any other pair the smallest. The ≺-smallest free pair overall is
+   always safe (entry 1 of its cluster), so every round settles at least one point.
 
-   (A) ``b_j`` really is ``c``'s next candidate at count ``n_c + j - 1``: every later point of
-       the list has a ≻ triple at that count (checked against the next distinct ``base`` value,
-       so float64 rounding that merges two sums cannot fool it), and
-   (B) ``(w_j, m_j, c) ≺ (v(b_j, c''; n_c''), b_j, c'')`` for every other cluster ``c''``: by
-       fact 2 no other cluster can reach ``b_j`` before ``c`` does.
-
-   If entries ``1..j`` are all safe, ``b_1..b_j`` go to ``c`` as its next ``j`` points, in the
-   true greedy run: were some ``b_j`` taken by ``c''`` while ``c`` still waits at ``b_{k+1}``
-   (``k < j``), the pair ``(b_{k+1}, c)`` (value ``w_{k+1} <= w_j``, index ``<= m_j``) would
-   be ≺ the pair taken, contradicting the greedy choice; and (A) rules out ``c`` taking anything
-   else first. Settling every cluster's safe prefix at once and continuing the greedy from the
-   new state gives the same remaining assignments (a cluster takes all of its safe prefix before
-   any other point, so its count is the same in both runs whenever it takes a non-prefix point,
-   and other clusters' counts are only higher, which can only delay their competing pairs).
-   The ≺-smallest pair overall is always safe, so every round settles at least one point.
-
-Each round is a handful of tensor operations over the ``B x K`` matrix (a stable sort per
-cluster, a cumulative product along the sorted lists); the Python loop runs over rounds, not
-over points. In the rare round where rounding leaves no safe entry, one exact greedy step is
-taken instead.
+Cost: each round is ~25 tensor operations over the ``K x B`` lists (no sort; one stable sort per
+call); the Python loop runs over rounds, not over points. Rounds are few when clusters are
+separated (1-3) and many when every point sits at about the same distance from every centroid
+(random initialisation: 40-90 rounds for B = 128-256, K = 10); during training on digits and
+Fashion-MNIST the mean was 10-15 rounds per batch of 128-256. The worst case is one round per
+point: the greedy is sequential by nature (who gets a contested point depends on the counts
+every earlier choice produced), and no exact loop-free formulation is known to us.
 """
 
 from __future__ import annotations

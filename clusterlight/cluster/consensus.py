@@ -33,9 +33,8 @@ def _as_labelings(labelings: Any) -> np.ndarray:
     lab = np.asarray(labelings)
     if lab.ndim != 2:
         raise ValueError(f"labelings must be a 2-D array [members, points], got shape {lab.shape}")
-    if lab.size and not np.issubdtype(lab.dtype, np.integer):
-        if not np.all(lab == np.round(lab)):
-            raise ValueError("labelings must hold integer labels")
+    if lab.size and not np.issubdtype(lab.dtype, np.integer) and not np.all(lab == np.round(lab)):
+        raise ValueError("labelings must hold integer labels")
     lab = lab.astype(np.int64, copy=False)
     if lab.size and lab.min() < -1:
         raise ValueError("labelings may only use -1 for unassigned points")

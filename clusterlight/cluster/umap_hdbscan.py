@@ -16,9 +16,11 @@ All functions take and return numpy arrays and use only local seeds.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
+import torch
 
 __all__ = ["gmm_k", "hdbscan_exact_k", "label_points", "reduce_umap", "umap_neighbors_for"]
 
@@ -30,6 +32,22 @@ def umap_neighbors_for(n: int, per_70k: float = 30.0, minimum: int = 3) -> int:
     USPS (9,298). Small data sets would get 0, hence the floor.
     """
     return int(max(minimum, 2, int(per_70k * n // 70000)))
+
+
+@contextlib.contextmanager
+def preserve_torch_threads():
+    """Restore torch's intra-op thread count afterwards.
+
+    numba (behind UMAP and pynndescent) resets the OpenMP thread count when its parallel
+    runtime starts, which silently changes torch's thread count too, and with it the summation
+    order of later float reductions: runs stop being bit-reproducible.
+    """
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def reduce_umap(x: np.ndarray, n_neighbors: int, seed: int, min_dist: float = 0.0,
@@ -44,7 +62,7 @@ def reduce_umap(x: np.ndarray, n_neighbors: int, seed: int, min_dist: float = 0.
     n_neighbors = int(min(max(2, n_neighbors), n - 1))
     reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, n_components=n_components,
                         random_state=int(seed), n_jobs=1, transform_seed=int(seed))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), preserve_torch_threads():
         warnings.simplefilter("ignore")  # disconnected-graph and spectral-init notices
         out = reducer.fit_transform(x)
     return np.asarray(out, dtype=np.float32)
@@ -75,7 +93,11 @@ def _search_cut(model, k: int, min_cluster_size: int, grid: int = 48, steps: int
     tree = getattr(model, "_single_linkage_tree_", None)
     if tree is None:
         return None
-    dist = np.unique(np.asarray(tree["distance"], dtype=np.float64))
+    names = tree.dtype.names or ()
+    field = "value" if "value" in names else "distance"  # scikit-learn's name, hdbscan's name
+    if field not in names:
+        return None
+    dist = np.unique(np.asarray(tree[field], dtype=np.float64))
     dist = dist[np.isfinite(dist)]
     if dist.size == 0:
         return None

@@ -1,0 +1,234 @@
+"""Online hard-regularised clustering: the assignment functions and a short real run."""
+
+from __future__ import annotations
+
+import datetime
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from clusterlight.cluster.assignment import (
+    distributed_assign,
+    greedy_hard_assign,
+    greedy_hard_assign_with_rounds,
+    hard_objective,
+    mean_assignment_kl,
+    naive_greedy_hard_assign,
+    sinkhorn,
+    sinkhorn_assign,
+)
+
+
+def _random_costs(kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 201, (1,), generator=gen))
+    k = int(torch.randint(1, 21, (1,), generator=gen))
+    if kind == "float":
+        cost = torch.rand(n, k, generator=gen) * 3
+    elif kind == "integer":  # many exact ties
+        cost = torch.randint(0, 4, (n, k), generator=gen).float()
+    elif kind == "duplicated":  # every row twice: ties between points
+        half = torch.randint(0, 3, (n // 2 + 1, k), generator=gen).float()
+        cost = torch.cat([half, half])[torch.randperm(2 * (n // 2 + 1), generator=gen)][:n]
+    elif kind == "collapsed":  # every point nearest to one cluster, small spread (the init regime)
+        cost = 1 + 0.05 * torch.rand(n, k, generator=gen)
+        cost[:, int(torch.randint(0, k, (1,), generator=gen))] -= 0.2
+    else:
+        raise ValueError(kind)
+    prior = None
+    if seed % 3 == 1:
+        prior = torch.log(torch.rand(k, generator=gen) + 0.05)
+    elif seed % 3 == 2:  # integer-valued log counts: ties survive the prior
+        prior = torch.log(torch.randint(1, 4, (k,), generator=gen).float())
+    return cost, prior
+
+
+@pytest.mark.parametrize("kind", ["float", "integer", "duplicated", "collapsed"])
+def test_vectorised_greedy_equals_the_loop(kind: str) -> None:
+    for seed in range(30):
+        cost, prior = _random_costs(kind, seed)
+        for log_prior in (None, prior):
+            fast, rounds = greedy_hard_assign_with_rounds(cost, log_prior)
+            slow = naive_greedy_hard_assign(cost, log_prior)
+            assert torch.equal(fast, slow), (kind, seed, tuple(cost.shape), log_prior is not None)
+            assert rounds <= cost.shape[0]
+
+
+def test_greedy_ties_go_to_the_lowest_point_then_cluster() -> None:
+    # All costs equal: point 0 ties everywhere (cluster 0), then cluster 1 is cheaper (log 1 < log 2)...
+    assert greedy_hard_assign(torch.zeros(5, 2)).tolist() == [0, 1, 0, 1, 0]
+    # A prior shifts the balance: log 2.5 > log 2 gives cluster 1 the first two points, log 3 > log 2.5
+    # gives point 2 to cluster 0, and log 2 > log 4 - log 2.5 gives point 3 back to cluster 1.
+    prior = torch.tensor([0.0, math.log(2.5)])
+    assert greedy_hard_assign(torch.zeros(4, 2), prior).tolist() == [1, 1, 0, 1]
+    assert naive_greedy_hard_assign(torch.zeros(4, 2), prior).tolist() == [1, 1, 0, 1]
+    # Without the size penalty everything would go to cluster 0; with it, the third point moves.
+    cost = torch.tensor([[0.0, 1.0], [0.1, 1.0], [0.2, 1.0]])
+    assert greedy_hard_assign(cost).tolist() == [0, 0, 1]  # 0.2 + log 3 > 1 + log 1
+
+
+def test_rounding_that_merges_costs_falls_back_to_the_loop() -> None:
+    # 3e-300 and 5e-300 become equal once log(2) is added: the loop's tie rule (lowest index)
+    # then differs from the (cost, index) order; the vectorised version must notice and agree.
+    cost = torch.tensor([[5e-300], [3e-300], [0.0]], dtype=torch.float64)
+    fast, rounds = greedy_hard_assign_with_rounds(cost)
+    assert rounds == 0 and torch.equal(fast, naive_greedy_hard_assign(cost))
+
+
+def test_greedy_rejects_non_finite_costs() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        greedy_hard_assign(torch.tensor([[0.0, math.inf]]))
+
+
+def test_hard_objective_is_the_sum_of_the_greedy_steps() -> None:
+    gen = torch.Generator().manual_seed(0)
+    cost = torch.rand(40, 6, generator=gen, dtype=torch.float64)
+    prior = torch.log(torch.rand(6, generator=gen, dtype=torch.float64) + 0.1)
+    assign = greedy_hard_assign(cost, prior)
+    counts = [0] * 6
+    total = 0.0
+    for b in range(40):  # any order of a cluster's points gives the same sum of log(n + 1)
+        c = int(assign[b])
+        total += float(cost[b, c] - prior[c]) + math.log(counts[c] + 1)
+        counts[c] += 1
+    assert float(hard_objective(cost, assign, prior)) == pytest.approx(total / 40, rel=1e-12)
+    # the greedy does better than the nearest centroid on its own objective here
+    assert hard_objective(cost, assign, prior) <= hard_objective(cost, (cost - prior).argmin(1), prior)
+
+
+def _sinkhorn_reference(scores: torch.Tensor, epsilon: float, n_iters: int) -> torch.Tensor:
+    """Textbook Sinkhorn-Knopp: scale u (rows) and v (columns) of exp(S / eps) alternately."""
+    kernel = (scores.double() / epsilon).exp()
+    n, k = kernel.shape
+    r, c = torch.full((n,), 1.0 / n, dtype=torch.float64), torch.full((k,), 1.0 / k, dtype=torch.float64)
+    u, v = torch.ones(n, dtype=torch.float64), torch.ones(k, dtype=torch.float64)
+    for _ in range(n_iters):
+        v = c / (kernel.T @ u)
+        u = r / (kernel @ v)
+    return u[:, None] * kernel * v[None, :]
+
+
+def test_sinkhorn_plan_marginals_and_form() -> None:
+    gen = torch.Generator().manual_seed(1)
+    scores = -torch.rand(50, 7, generator=gen, dtype=torch.float64) * 4
+    scores[:, 0] += 2.0  # every point prefers cluster 0
+    plan = sinkhorn(scores, n_iters=300, epsilon=0.5)
+    assert torch.allclose(plan.sum(1), torch.full((50,), 1 / 50, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(plan.sum(0), torch.full((7,), 1 / 7, dtype=torch.float64), atol=1e-8)
+    # diag(u) exp(S / eps) diag(v): log(plan) - S / eps is a sum of a row and a column term
+    resid = plan.log() - scores / 0.5
+    resid = resid - resid.mean(1, keepdim=True) - resid.mean(0, keepdim=True) + resid.mean()
+    assert resid.abs().max() < 1e-9
+    assert torch.allclose(plan, _sinkhorn_reference(scores, 0.5, 300), rtol=1e-8, atol=1e-14)
+    # with the reference's 15 iterations: rows exact, columns close to uniform
+    short = sinkhorn(scores.float(), n_iters=15, epsilon=0.5)
+    assert short.dtype == torch.float32
+    assert torch.allclose(short.sum(1), torch.full((50,), 1 / 50), atol=1e-6)
+    assert (short.sum(0) - 1 / 7).abs().max() < 0.02
+    assert torch.allclose(short.double(), _sinkhorn_reference(scores, 0.5, 15), rtol=1e-4, atol=1e-7)
+    # balanced: argmax of the plan spreads the points that all prefer cluster 0
+    assert torch.bincount(sinkhorn_assign(-scores), minlength=7).max() <= 15
+
+
+def test_entropy_regulariser_by_hand() -> None:
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.5, 0.0]])
+    p_bar = [0.6, 0.35, 0.05]
+    by_hand = sum(p * math.log(3 * p) for p in p_bar)
+    assert float(mean_assignment_kl(probs)) == pytest.approx(by_hand, rel=1e-6)
+    assert float(mean_assignment_kl(torch.full((4, 5), 0.2))) == pytest.approx(0.0, abs=1e-7)
+    collapsed = torch.zeros(4, 5)
+    collapsed[:, 2] = 1
+    assert float(mean_assignment_kl(collapsed)) == pytest.approx(math.log(5), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- DDP: global assignment
+WORLD = 2
+
+
+def _ddp_worker(rank: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        cost = torch.load(f"{tmp}/cost.pt")
+        mine = cost[:30] if rank == 0 else cost[30:]  # unequal shards: padding must be trimmed
+        torch.save(distributed_assign(mine, greedy_hard_assign), f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_global_assignment_over_two_ranks_equals_one_batch(tmp_path: Path) -> None:
+    cost = torch.rand(75, 6, generator=torch.Generator().manual_seed(3))
+    torch.save(cost, tmp_path / "cost.pt")
+    mp.spawn(_ddp_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    got = torch.cat([torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)])
+    assert torch.equal(got, greedy_hard_assign(cost))
+    assert torch.equal(distributed_assign(cost, greedy_hard_assign), greedy_hard_assign(cost))  # no group
+
+
+# ----------------------------------------------------------------------------- the method
+def test_bad_options_are_one_line_errors() -> None:
+    from clusterlight.errors import ClusterlightError
+    from clusterlight.methods import OnlineHardClustering
+
+    for kwargs, needle in [({"assignment": "sinkhorn", "imbalanced": True}, "imbalanced"),
+                           ({"sigma": 0.0}, "sigma"), ({"prior_momentum": 0.0}, "prior_momentum")]:
+        with pytest.raises(ClusterlightError, match=needle):
+            OnlineHardClustering(**kwargs)
+
+
+def test_outputs_of_a_fresh_module() -> None:
+    from clusterlight.methods import OnlineHardClustering
+
+    model = OnlineHardClustering(num_clusters=4, input_shape=(1, 8, 8), latent_dim=6, widths=[8]).eval()
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        out = model.cluster_outputs(x)
+        d = ((model.embed(x)[:, None] - model.centroids[None]) ** 2).sum(2) / 100
+    assert torch.equal(out.cluster, d.argmin(1))
+    assert torch.allclose(out.ood_score, d.min(1).values, rtol=1e-5)
+    assert ((out.confidence >= 0.25) & (out.confidence <= 1)).all()
+    assert "cluster_prior" in model.state_dict() and model.log_prior() is None
+
+
+def _fit(tmp_path: Path, *extra: str):
+    from clusterlight.cli import main
+    from tests.conftest import base_args, data_args
+
+    args = ["fit", "--model=OnlineHardClustering", "--model.widths=[16, 32]", *extra, *data_args("digits"),
+            *base_args(tmp_path, epochs=5, logger="csv")]
+    return main(args)
+
+
+def test_short_digits_run_does_not_collapse_and_argmin_does(tmp_path: Path) -> None:
+    hard = _fit(tmp_path / "hard")
+    m = hard.trainer.callback_metrics
+    assert float(m["val/num_nonempty_clusters"]) >= 8
+    assert float(m["val/largest_cluster_frac"]) < 0.3
+    assert float(m["train/nonempty_clusters_epoch"]) >= 9
+    assert float(m["val/acc"]) > 0.3  # chance is 0.1
+    assert math.isfinite(float(m["val/loss"]))
+
+    plain = _fit(tmp_path / "argmin", "--model.assignment=argmin")
+    p = plain.trainer.callback_metrics
+    assert float(p["val/num_nonempty_clusters"]) < float(m["val/num_nonempty_clusters"])
+    assert float(p["val/largest_cluster_frac"]) > float(m["val/largest_cluster_frac"])
+    assert float(p["val/loss"]) > float(m["val/loss"])  # the label-free criterion sees the collapse
+
+
+def test_imbalanced_variant_learns_its_prior_without_labels(tmp_path: Path) -> None:
+    cli = _fit(tmp_path, "--model.imbalanced=true", "--model.prior_momentum=0.05")
+    m = cli.trainer.callback_metrics
+    assert float(m["val/num_nonempty_clusters"]) >= 8 and float(m["val/largest_cluster_frac"]) < 0.3
+    # the running cluster sizes are a buffer, saved in the checkpoint and used as the prior
+    state = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)["state_dict"]
+    prior = state["cluster_prior"]
+    assert prior.sum().item() == pytest.approx(1.0, abs=1e-5) and not torch.allclose(prior, torch.full_like(prior, 0.1))
+    assert torch.equal(prior, cli.model.cluster_prior)
+    log_prior = cli.model.log_prior()  # epoch >= prior_warmup_epochs: in use, 0.5 * log(K pi)
+    assert log_prior is not None and torch.allclose(log_prior, 0.5 * (10 * prior).log(), atol=1e-6)
