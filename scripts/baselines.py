@@ -66,13 +66,30 @@ def raw_kmeans(extra: list[str], config: str) -> dict:
             "n_train": int(len(xtr)), "n_test": int(keep.sum())}
 
 
+def report(path: Path) -> str:
+    """The records as a Markdown table (one row per method and split)."""
+    rows = ["| split | method | ACC | NMI | ARI | tail ACC | wall s | peak RSS MB | train / test samples |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in map(json.loads, path.read_text().splitlines()):
+        tail = r.get("test/tail_acc")
+        rss = r.get("peak_rss_mb")
+        rows.append(f"| {r['split']} | {r['method']} | {r['test/acc']:.3f} | {r['test/nmi']:.3f} | {r['test/ari']:.3f} | "
+                    f"{'' if tail is None else f'{tail:.3f}'} | {r['wall_s']:.0f} | {'' if rss is None else f'{rss:.0f}'} | "
+                    f"{r['n_train']} / {r['n_test']} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/baselines.jsonl")
+    parser.add_argument("--report", action="store_true", help="print the records as a Markdown table and exit")
     parser.add_argument("--only", nargs="*", default=None, help="names of RUNS to do")
     parser.add_argument("--methods", nargs="*", default=METHODS + ["raw_kmeans"])
     args = parser.parse_args()
     out = Path(args.out)
+    if args.report:
+        print(report(out))
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if out.exists():
