@@ -20,13 +20,7 @@ from clusterlight.cluster.kmeans import (
 from clusterlight.errors import ClusterlightError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: thread hand-offs would cost more than the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread per test comes from the autouse fixture in conftest.py.
 
 
 @pytest.fixture(scope="module")
