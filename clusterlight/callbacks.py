@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from clusterlight.errors import ClusterlightError
 
@@ -238,3 +238,38 @@ class PredictionWriter(Callback):
                 os.remove(tmp)
             raise
         rank_zero_info(f"clusterlight: wrote {len(first)} predictions to {target}")
+
+
+class CollapseMonitor(Callback):
+    """Warns, and logs ``val/collapsed`` (0 or 1), when a clustering collapses.
+
+    Collapse: more than ``max_cluster_frac`` of the in-distribution validation samples in one
+    cluster, or fewer non-empty clusters than ``min_nonempty_frac`` times the clusters asked for.
+    Reads the label-free size statistics the base module computes (``largest_cluster_frac``,
+    ``num_nonempty_clusters``); it changes nothing in training.
+
+    Args:
+        max_cluster_frac: largest allowed share of the samples in one cluster.
+        min_nonempty_frac: smallest allowed share of the clusters that are non-empty.
+    """
+
+    def __init__(self, max_cluster_frac: float = 0.5, min_nonempty_frac: float = 1.0) -> None:
+        super().__init__()
+        self.max_cluster_frac = max_cluster_frac
+        self.min_nonempty_frac = min_nonempty_frac
+        self.history: list[bool] = []
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        values = getattr(pl_module, "last_metrics", {}).get("val")
+        if trainer.sanity_checking or not values or "largest_cluster_frac" not in values:
+            return
+        asked = getattr(pl_module, "num_clusters", 0)
+        largest, nonempty = values["largest_cluster_frac"], values.get("num_nonempty_clusters", asked)
+        collapsed = largest > self.max_cluster_frac or nonempty < self.min_nonempty_frac * asked
+        self.history.append(collapsed)
+        if collapsed:
+            rank_zero_warn(f"{type(pl_module).__name__}: clustering collapse at epoch {trainer.current_epoch}: "
+                           f"{largest:.1%} of the samples in one cluster, {nonempty:.0f} of {asked} clusters non-empty")
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"val/collapsed": float(collapsed)}, step=trainer.global_step)

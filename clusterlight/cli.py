@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import clusterlight.data  # noqa: F401  (registers the DataModules for short names)
 import clusterlight.methods  # noqa: F401  (registers the methods for short names)
-from clusterlight.callbacks import ClusteringFigures, PredictionWriter, SaveRunConfig
+from clusterlight.callbacks import ClusteringFigures, CollapseMonitor, PredictionWriter, SaveRunConfig
 from clusterlight.data import ClusteringDataModule
 from clusterlight.errors import ClusterlightError
 from clusterlight.methods.base import ClusteringModule
@@ -46,7 +46,7 @@ class ClusterlightCLI(LightningCLI):
       and passed to the model: nobody types them twice.
     - ``--checkpoint.*`` configures the ModelCheckpoint (label-free ``val/loss`` by default,
       plus ``last.ckpt``); ``--figures.*`` the evaluation figures; ``--predictions.path`` the
-      prediction CSV.
+      prediction CSV; ``--collapse.*`` the collapse warning.
     - A ``--ckpt_path`` written by another method is refused before any work starts (LightningCLI
       would otherwise swap in the checkpoint's class and arguments).
     """
@@ -63,6 +63,7 @@ class ClusterlightCLI(LightningCLI):
         })
         parser.add_lightning_class_args(ClusteringFigures, "figures")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(CollapseMonitor, "collapse")
         parser.add_argument(
             "--test_after_fit", type=bool, default=False,
             help="fit only: test the best checkpoint (label-free choice) when fitting ends, printing ACC/NMI/ARI",
