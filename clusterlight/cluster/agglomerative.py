@@ -449,18 +449,7 @@ class Agglomeration:
         """Disjoint pairs (cluster, its most affine cluster) by decreasing criterion."""
         cand = np.flatnonzero(self.partner >= 0)
         order = cand[np.lexsort((cand, -self.score[cand]))]
-        partner = self.partner.tolist()
-        used = bytearray(self.n_clusters)
-        pairs: list[tuple[int, int]] = []
-        for i in order.tolist():
-            j = partner[i]
-            if used[i] or used[j]:
-                continue
-            used[i] = used[j] = 1
-            pairs.append((i, j))
-            if len(pairs) >= max_pairs:
-                break
-        return pairs
+        return _disjoint_pairs(order.tolist(), self.partner.tolist(), self.n_clusters, max_pairs)
 
     def _absorb_isolated(self, isolated: np.ndarray, budget: int) -> np.ndarray:
         """Representatives that merge isolated clusters into their nearest connected cluster."""
@@ -486,17 +475,7 @@ class Agglomeration:
             return [(order[2 * t], order[2 * t + 1]) for t in range(min(max_pairs, c // 2))]
         idx, dist = knn_graph(cent, 1)
         nearest, dist = idx[:, 0].numpy(), dist[:, 0].double().numpy()
-        used = bytearray(c)
-        pairs: list[tuple[int, int]] = []
-        for i in np.lexsort((np.arange(c), dist)).tolist():
-            j = int(nearest[i])
-            if used[i] or used[j]:
-                continue
-            used[i] = used[j] = 1
-            pairs.append((i, j))
-            if len(pairs) >= max_pairs:
-                break
-        return pairs
+        return _disjoint_pairs(np.lexsort((np.arange(c), dist)).tolist(), nearest.tolist(), c, max_pairs)
 
     # -- public
     def absorb_isolated(self, budget: int) -> int:
@@ -673,3 +652,18 @@ def dense_merge_choice(a: Tensor, k_c: int = 5, lam: float = 1.0) -> tuple[Tenso
         score[i], partner[i] = s, vals[0][1]
     best = max(range(c), key=lambda i: (float(score[i]), -i))
     return score, partner, (best, int(partner[best]))
+
+
+def _disjoint_pairs(order: list[int], partner: list[int], n: int, max_pairs: int) -> list[tuple[int, int]]:
+    """Greedy: walk ``order``, pair each cluster with ``partner[i]`` unless either is already paired."""
+    used = bytearray(n)
+    pairs: list[tuple[int, int]] = []
+    for i in order:
+        j = int(partner[i])
+        if used[i] or used[j]:
+            continue
+        used[i] = used[j] = 1
+        pairs.append((i, j))
+        if len(pairs) >= max_pairs:
+            break
+    return pairs
