@@ -75,14 +75,21 @@ class ClusteringFigures(Callback):
 
     At the end of every ``every_n_epochs``-th validation and of ``test``: a 2-D map of the
     embeddings coloured by cluster and by class, the confusion matrix after Hungarian matching,
-    and the cluster sizes beside the true class sizes. Figures use up to ``max_points`` samples
-    seen by rank 0 (under DDP: rank 0's shard); labels are read for the figures only.
+    the cluster sizes beside the true class sizes, and a grid of sample images of every cluster
+    (``<tag>_samples.png``). Figures use up to ``max_points`` samples seen by rank 0 (under DDP:
+    rank 0's shard); labels are read for the figures only.
+
+    The sample grid draws from a uniform random sample of all the images the stage evaluated
+    (reservoir sampling with a fixed seed), so memory stays at ``sample_images`` images whatever
+    the size of the split, and the sample does not depend on the order of the split.
 
     Args:
         enabled: make figures at all.
         every_n_epochs: make validation figures every this many epochs (test figures always).
         max_points: at most this many samples in the figures.
         embedding_map: 2-D projection: ``pca`` (fast), ``umap`` or ``tsne``.
+        sample_images: keep at most this many images for the sample grid (0: no sample grid).
+        samples_per_cluster: at most this many images per cluster in the sample grid.
     """
 
     def __init__(
@@ -91,13 +98,21 @@ class ClusteringFigures(Callback):
         every_n_epochs: int = 5,
         max_points: int = 3000,
         embedding_map: Literal["pca", "umap", "tsne"] = "pca",
+        sample_images: int = 400,
+        samples_per_cluster: int = 8,
     ) -> None:
         super().__init__()
+        if sample_images < 0 or samples_per_cluster < 1:
+            raise ClusterlightError(f"figures: sample_images must be >= 0 and samples_per_cluster >= 1, got "
+                                    f"{sample_images} and {samples_per_cluster}")
         self.enabled = enabled
         self.every_n_epochs = max(1, every_n_epochs)
         self.max_points = max_points
         self.embedding_map = embedding_map
+        self.sample_images = sample_images
+        self.samples_per_cluster = samples_per_cluster
         self._buffer: dict[str, list[np.ndarray]] = {}
+        self._reset_samples()
         self.last_files: list[str] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -111,9 +126,37 @@ class ClusteringFigures(Callback):
             return (trainer.current_epoch + 1) % self.every_n_epochs == 0 or trainer.current_epoch + 1 == trainer.max_epochs
         return True
 
+    def _reset_samples(self) -> None:
+        """Empty the image reservoir (its generator restarts from the same seed)."""
+        self._sample_x: np.ndarray | None = None  # (sample_images, C, H, W) float16, first _sample_n rows used
+        self._sample_cluster = np.zeros(self.sample_images, dtype=np.int64)
+        self._sample_n = 0  # rows of the reservoir in use
+        self._sample_seen = 0  # samples offered to the reservoir so far
+        self._sample_rng = np.random.default_rng(0)
+
+    def _collect_samples(self, images: torch.Tensor, cluster: torch.Tensor) -> None:
+        """Reservoir sampling (Vitter's algorithm R): every image seen is kept with equal probability."""
+        size = self.sample_images
+        if size == 0 or len(images) == 0:
+            return
+        position = self._sample_seen + np.arange(len(images))  # each image's position in the stream
+        slot = np.where(position < size, position, self._sample_rng.integers(0, position + 1))
+        take = np.flatnonzero(slot < size)
+        self._sample_seen += len(images)
+        if not len(take):
+            return
+        x = images[torch.as_tensor(take, device=images.device)].detach().to("cpu", torch.float16).numpy()
+        c = cluster[torch.as_tensor(take, device=cluster.device)].detach().cpu().long().numpy()
+        if self._sample_x is None:
+            self._sample_x = np.empty((size, *x.shape[1:]), dtype=np.float16)
+        for k, s in enumerate(slot[take]):  # in stream order: a later image replaces an earlier one
+            self._sample_x[s], self._sample_cluster[s] = x[k], c[k]
+        self._sample_n = min(size, self._sample_seen)
+
     def _collect(self, trainer: Trainer, outputs: Any, batch: dict[str, Any], stage: str) -> None:
         if not self._active(trainer, stage) or not isinstance(outputs, dict):
             return
+        self._collect_samples(batch["image"], outputs["cluster"])
         have = sum(len(a) for a in self._buffer.get("cluster", []))
         if have >= self.max_points:
             return
@@ -142,6 +185,8 @@ class ClusteringFigures(Callback):
 
     def _render(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         buffer, self._buffer = self._buffer, {}
+        samples = (self._sample_x, self._sample_cluster, self._sample_n)
+        self._reset_samples()
         if not self._active(trainer, stage) or not buffer:
             return
         data = {k: np.concatenate(v) for k, v in buffer.items()}
@@ -162,6 +207,11 @@ class ClusteringFigures(Callback):
             figures["embedding_map"] = plots.embedding_figure(
                 data["embedding"], data["cluster"].astype(int), data["label"].astype(int), data["ood"] > 0.5,
                 method=self.embedding_map,
+            )
+        sample_x, sample_cluster, sample_n = samples
+        if sample_n:
+            figures["samples"] = plots.sample_grid_figure(
+                sample_x[:sample_n], sample_cluster[:sample_n], pl_module.num_clusters, self.samples_per_cluster
             )
         files = []
         for name, fig in figures.items():
