@@ -166,7 +166,14 @@ def _build(args: list[str] | None, run: bool) -> ClusterlightCLI:
 
 
 def cli_entry() -> None:
-    """Console script: bad input ends with one ``error:`` line and exit status 2."""
+    """Console script: bad input ends with one ``error:`` line and exit status 2.
+
+    ``clusterlight bench ...`` is the benchmark runner (:mod:`clusterlight.bench`).
+    """
+    if sys.argv[1:2] == ["bench"]:
+        from clusterlight.bench import main as bench_main
+
+        raise SystemExit(bench_main(sys.argv[2:]))
     try:
         main()
     except ClusterlightError as err:

@@ -1,0 +1,396 @@
+"""Benchmark runner: a grid of method x dataset x split x seed, one JSON record per run.
+
+    clusterlight bench run --budget fast --out results/bench_fast.jsonl
+    clusterlight bench run --budget fast --methods dec jule --datasets usps --splits balanced lt10 --seeds 0 1 2
+    clusterlight bench report results/bench_fast.jsonl --markdown results/bench_fast.md --figure results/bench_fast.png
+
+(``python -m clusterlight.bench ...`` is the same.) Every run is ``clusterlight fit
+--config configs/<method>/<dataset>.yaml --test_after_fit true`` in a process of its own (so its
+peak memory is its own), with the split's data options, the seed, and for the ``fast`` budget the
+shorter schedule of :data:`FAST`. The ``paper`` budget uses the configs unchanged (the papers'
+schedules). Records are appended to the results file as JSON lines; a run whose key (method,
+dataset, split, seed, budget) is already there is skipped, so an interrupted grid resumes.
+
+Labels are read only by the test metrics, as in every clusterlight run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import clusterlight
+
+REPO = Path(__file__).resolve().parents[1]
+
+METHODS = ["ae_kmeans", "dec", "debiased", "spc", "online_hard", "jule"]
+DATASETS = ["usps", "coil20", "fashion_mnist"]
+
+#: Data options of each split. ``ood`` holds the dataset's last class out of training and mixes
+#: it into the test split (20% of it), on top of ``imbalance_ratio`` 10.
+SPLITS: dict[str, list[str]] = {
+    "balanced": [],
+    "lt10": ["--data.init_args.imbalance_ratio=10"],
+    "lt100": ["--data.init_args.imbalance_ratio=100"],
+    "lt10_ood": ["--data.init_args.imbalance_ratio=10", "--data.init_args.ood_classes=[{last}]",
+                 "--data.init_args.ood_fraction=0.2"],
+}
+NUM_CLASSES = {"usps": 10, "coil20": 20, "fashion_mnist": 10, "digits": 10, "mnist": 10, "cifar10": 10}
+
+#: The ``fast`` budget: minutes per run on 2 CPU cores. Fashion-MNIST trains on a stratified
+#: 10,000-image subsample of its 60,000 training images (SPC: 6,000), tested on the official 10,000.
+_FMNIST_CAP = ["--data.init_args.max_samples=10000"]
+FAST: dict[str, dict[str, list[str]]] = {
+    "ae_kmeans": {
+        "usps": ["--trainer.max_epochs=10"],
+        "coil20": ["--trainer.max_epochs=30"],
+        "fashion_mnist": ["--trainer.max_epochs=5", *_FMNIST_CAP],
+    },
+    "dec": {
+        "usps": ["--model.init_args.pretrain_epochs=8", "--trainer.max_epochs=14"],
+        "coil20": ["--model.init_args.pretrain_epochs=25", "--trainer.max_epochs=40"],
+        "fashion_mnist": ["--model.init_args.pretrain_epochs=4", "--trainer.max_epochs=7", *_FMNIST_CAP],
+    },
+    "debiased": {
+        "usps": ["--model.init_args.pretrain_epochs=5", "--trainer.max_epochs=10"],
+        "coil20": ["--model.init_args.pretrain_epochs=25", "--trainer.max_epochs=50"],
+        "fashion_mnist": ["--model.init_args.pretrain_epochs=5", "--trainer.max_epochs=10", *_FMNIST_CAP],
+    },
+    "spc": {
+        "usps": ["--model.init_args.num_members=3", "--model.init_args.pretrain_epochs=4",
+                 "--model.init_args.epochs_per_meta=2", "--trainer.max_epochs=6"],
+        "coil20": ["--model.init_args.num_members=3", "--model.init_args.pretrain_epochs=14",
+                   "--model.init_args.epochs_per_meta=8", "--trainer.max_epochs=30"],
+        "fashion_mnist": ["--model.init_args.num_members=3", "--model.init_args.pretrain_epochs=4",
+                          "--model.init_args.epochs_per_meta=2", "--trainer.max_epochs=6",
+                          "--data.init_args.max_samples=6000"],
+    },
+    "online_hard": {
+        "usps": ["--trainer.max_epochs=10"],
+        "coil20": ["--trainer.max_epochs=30"],
+        "fashion_mnist": ["--trainer.max_epochs=8", *_FMNIST_CAP],
+    },
+    "jule": {
+        "usps": ["--model.init_args.epochs_per_period=1", "--trainer.max_epochs=8"],
+        "coil20": ["--model.init_args.epochs_per_period=5", "--trainer.max_epochs=25"],
+        "fashion_mnist": ["--model.init_args.epochs_per_period=1", "--trainer.max_epochs=8", *_FMNIST_CAP],
+    },
+}
+BUDGETS = ("fast", "paper")
+
+#: Results reported by the papers (with labels in their loops), for the report. Each: (ACC, NMI,
+#: dataset version). JULE reports NMI with geometric normalisation.
+PAPER: dict[tuple[str, str], tuple[float | None, float | None, str]] = {
+    ("spc", "usps"): (0.984, 0.954, "SPC paper (KI 2021), USPS 9,298 images"),
+    ("spc", "fashion_mnist"): (0.679, 0.735, "SPC paper (KI 2021), Fashion-MNIST 70,000"),
+    ("jule", "usps"): (0.950, 0.913, "JULE-RC (CVPR 2016), USPS 9,298 images, geometric NMI"),
+    ("jule", "coil20"): (None, 1.000, "JULE-RC (CVPR 2016), COIL-20 1,440 images, geometric NMI"),
+}
+
+#: A ``fast`` ACC this much below the ``paper`` budget's is flagged in the report.
+FAR_BELOW = 0.05
+
+METRICS = ["acc", "nmi", "nmi_geometric", "ari", "tail_acc", "cluster_kl", "ood_auroc"]
+
+CHILD = r"""
+import json, resource, sys, time
+import torch
+from clusterlight import cli as C
+
+marks = {}
+_before, _after = C.ClusterlightCLI.before_fit, C.ClusterlightCLI.after_fit
+def before_fit(self):
+    _before(self)
+    marks["fit0"] = time.time()
+def after_fit(self):
+    marks["fit1"] = time.time()
+    _after(self)
+C.ClusterlightCLI.before_fit, C.ClusterlightCLI.after_fit = before_fit, after_fit
+result, args = sys.argv[1], sys.argv[2:]
+sys.argv = sys.argv[:1]
+t0 = time.time()
+cli = C.main(args)
+out = {k[5:]: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
+dm = cli.datamodule
+out.update(wall_s=time.time() - t0, train_s=marks["fit1"] - marks["fit0"],
+           peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+           n_train=len(dm.train_dataset), n_test=len(dm.test_dataset), eval_on=dm.eval_on)
+json.dump(out, open(result, "w"))
+"""
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"cpu {platform.machine()} ({len(os.sched_getaffinity(0))} cores)"
+
+
+def run_args(method: str, dataset: str, split: str, seed: int, budget: str, root: Path) -> list[str]:
+    """The ``fit`` arguments of one run."""
+    config = REPO / "configs" / method / f"{dataset}.yaml"
+    if not config.is_file():
+        raise SystemExit(f"error: no config {config.relative_to(REPO)} for method {method} on {dataset}")
+    split_args = [a.format(last=NUM_CLASSES[dataset] - 1) for a in SPLITS[split]]
+    budget_args = FAST[method][dataset] if budget == "fast" else []
+    return [
+        "fit", "--config", str(config), *split_args, *budget_args,
+        f"--seed_everything={seed}", "--test_after_fit=true", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={root}", "--figures.every_n_epochs=1000",
+    ]
+
+
+def config_hash(args: list[str]) -> str:
+    """Hash of the config file's text and the overrides, seed excluded: equal for the seeds of one cell."""
+    config = Path(args[args.index("--config") + 1])
+    parts = [config.read_text()] + [a for a in args if not a.startswith(("--seed_everything", "--trainer.default_root_dir"))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def key(r: dict[str, Any]) -> tuple:
+    return (r["method"], r["dataset"], r["split"], int(r["seed"]), r["budget"])
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise SystemExit(f"error: {path}:{n} is not a JSON record") from None
+    return out
+
+
+def run_grid(a: argparse.Namespace) -> int:
+    out = Path(a.out)
+    done = {key(r) for r in read_records(out)}
+    grid = [(m, d, s, seed) for d in a.datasets for s in a.splits for m in a.methods for seed in a.seeds]
+    for m, d, *_ in grid:  # bad input: one line, before any run
+        if not (REPO / "configs" / m / f"{d}.yaml").is_file():
+            raise SystemExit(f"error: no config configs/{m}/{d}.yaml for method {m} on {d}")
+    todo = [g for g in grid if (*g, a.budget) not in done]
+    print(f"bench: {len(grid)} runs in the grid, {len(grid) - len(todo)} already in {out}, {len(todo)} to run", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    t_grid = time.time()
+    for i, (m, d, s, seed) in enumerate(todo, 1):
+        root = Path(a.runs) / a.budget / f"{m}-{d}-{s}-seed{seed}"
+        args = run_args(m, d, s, seed, a.budget, root)
+        result = root / "result.json"
+        root.mkdir(parents=True, exist_ok=True)
+        result.unlink(missing_ok=True)
+        t0 = time.time()
+        log = root / "log.txt"
+        with open(log, "w") as fh:
+            proc = subprocess.run([sys.executable, "-c", CHILD, str(result), *args], stdout=fh, stderr=subprocess.STDOUT,
+                                  cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
+        if proc.returncode != 0 or not result.is_file():
+            failures += 1
+            print(f"[{i}/{len(todo)}] {m} {d} {s} seed {seed}: FAILED (exit {proc.returncode}), see {log}", flush=True)
+            continue
+        r = json.loads(result.read_text())
+        record = {"method": m, "dataset": d, "split": s, "seed": seed, "budget": a.budget,
+                  **{k: r.get(k) for k in METRICS},
+                  "train_s": round(r["train_s"], 1), "wall_s": round(r["wall_s"], 1),
+                  "peak_rss_mb": round(r["peak_rss_mb"]), "peak_gpu_mb": r["peak_gpu_mb"],
+                  "n_train": r["n_train"], "n_test": r["n_test"], "eval_on": r["eval_on"],
+                  "device": device_name(), "config_hash": config_hash(args), "version": clusterlight.__version__,
+                  "args": args[1:]}
+        with open(out, "a") as fh:  # one whole line per run: an interrupted grid loses at most the run in flight
+            fh.write(json.dumps(record) + "\n")
+        print(f"[{i}/{len(todo)}] {m} {d} {s} seed {seed}: acc {r.get('acc', float('nan')):.3f} "
+              f"nmi {r.get('nmi', float('nan')):.3f} train {r['train_s']:.0f}s ({time.time() - t0:.0f}s with startup)",
+              flush=True)
+    print(f"bench: grid done in {time.time() - t_grid:.0f}s, {failures} failed", flush=True)
+    return 1 if failures else 0
+
+
+# ----------------------------------------------------------------------------------------- report
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """(budget, dataset, split, method) -> {metric: (mean, std, n)}, plus wall/memory means."""
+    cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        cells[(r["budget"], r["dataset"], r["split"], r["method"])].append(r)
+    out = {}
+    for cell, rs in cells.items():
+        agg: dict[str, Any] = {"n": len(rs)}
+        for k in [*METRICS, "train_s", "peak_rss_mb"]:
+            vals = [float(r[k]) for r in rs if r.get(k) is not None]
+            if vals:
+                agg[k] = _mean_std(vals)
+        agg["n_train"] = rs[0].get("n_train")
+        agg["device"] = rs[0].get("device")
+        out[cell] = agg
+    return out
+
+
+def _fmt(agg: dict[str, Any], k: str) -> str:
+    if k not in agg:
+        return ""
+    m, sd = agg[k]
+    return f"{m:.3f} ± {sd:.3f}" if agg["n"] > 1 else f"{m:.3f}"
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    agg = aggregate(records)
+    order = {m: i for i, m in enumerate(METHODS)}
+    lines = []
+    for budget in sorted({c[0] for c in agg}):
+        lines += [f"### Budget `{budget}`", "",
+                  "| dataset | split | method | ACC | NMI | NMI (geo) | ARI | tail ACC | cluster KL | OOD AUROC | train s | peak RSS MB | seeds |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        cells = sorted((c for c in agg if c[0] == budget),
+                       key=lambda c: (c[1], list(SPLITS).index(c[2]) if c[2] in SPLITS else 99, order.get(c[3], 99)))
+        for c in cells:
+            a = agg[c]
+            lines.append(f"| {c[1]} | {c[2]} | {c[3]} | " + " | ".join(_fmt(a, k) for k in METRICS) +
+                         f" | {a['train_s'][0]:.0f} | {a['peak_rss_mb'][0]:.0f} | {a['n']} |")
+        lines.append("")
+    both = sorted({c[1:] for c in agg if c[0] == "fast"} & {c[1:] for c in agg if c[0] == "paper"})
+    if both:
+        lines += ["### `fast` against `paper` budget", "",
+                  f"Cells run at both budgets. **far below** marks a `fast` ACC more than {FAR_BELOW:.2f} under the `paper` one.",
+                  "", "| dataset | split | method | fast ACC | paper ACC | paper - fast | |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for d, s, m in both:
+            fast, paper = agg[("fast", d, s, m)]["acc"][0], agg[("paper", d, s, m)]["acc"][0]
+            flag = "**far below**" if paper - fast > FAR_BELOW else ""
+            lines.append(f"| {d} | {s} | {m} | {fast:.3f} | {paper:.3f} | {paper - fast:+.3f} | {flag} |")
+        lines.append("")
+    papers = [(m, d, v) for (m, d), v in PAPER.items()]
+    if papers:
+        lines += ["### The papers' numbers (labels in their loops; their dataset versions)", "",
+                  "| method | dataset | paper ACC | paper NMI | source and dataset version |", "| --- | --- | --- | --- | --- |"]
+        for m, d, (acc, nmi, note) in papers:
+            lines.append(f"| {m} | {d} | {'' if acc is None else f'{acc:.3f}'} | {'' if nmi is None else f'{nmi:.3f}'} | {note} |")
+        lines.append("")
+    devices = sorted({r.get("device", "?") for r in records})
+    lines.append(f"Device(s): {', '.join(devices)}. Mean ± sample std over seeds; train s and peak RSS are means.")
+    return "\n".join(lines)
+
+
+def imbalance_figure(records: list[dict[str, Any]], path: Path) -> None:
+    """ACC and tail accuracy against the imbalance ratio (1 = balanced), one line per method, per dataset."""
+    from matplotlib.figure import Figure
+
+    ratio = {"balanced": 1, "lt10": 10, "lt100": 100}
+    agg = aggregate([r for r in records if r["split"] in ratio])
+    datasets = sorted({c[1] for c in agg})
+    if not datasets:
+        raise SystemExit("error: no balanced or long-tailed records to plot")
+    fig = Figure(figsize=(4.2 * len(datasets), 7))
+    axes = fig.subplots(2, len(datasets), squeeze=False)
+    for j, d in enumerate(datasets):
+        for i, (k, name) in enumerate((("acc", "ACC"), ("tail_acc", "tail ACC"))):
+            ax = axes[i][j]
+            for m in METHODS:
+                pts = sorted((ratio[c[2]], agg[c][k]) for c in agg if c[1] == d and c[3] == m and k in agg[c])
+                if pts:
+                    xs = [p[0] for p in pts]
+                    ax.errorbar(xs, [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o", capsize=3, label=m)
+            ax.set_xscale("log")
+            ax.set_xlabel("imbalance ratio")
+            ax.set_ylabel(name)
+            ax.set_title(f"{d}: {name}")
+            ax.set_ylim(0, 1)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+README_BEGIN = "<!-- bench report: begin (generated by `clusterlight bench report --readme`; do not edit) -->"
+README_END = "<!-- bench report: end -->"
+
+
+def update_readme(readme: Path, text: str) -> None:
+    """Replace the text between the README's bench-report markers (written atomically)."""
+    old = readme.read_text()
+    if old.count(README_BEGIN) != 1 or old.count(README_END) != 1 or old.index(README_BEGIN) > old.index(README_END):
+        raise SystemExit(f"error: {readme} needs exactly one pair of lines {README_BEGIN!r} ... {README_END!r}")
+    head, rest = old.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(f"{head}{README_BEGIN}\n{text}\n{README_END}{tail}")
+    os.replace(tmp, readme)
+
+
+def report(a: argparse.Namespace) -> int:
+    paths = [Path(p) for p in a.results]
+    for p in paths:
+        if not p.is_file():
+            raise SystemExit(f"error: results file {p} does not exist (make it with `clusterlight bench run --out {p}`)")
+    records = [r for p in paths for r in read_records(p)]
+    if not records:
+        raise SystemExit(f"error: no records in {' '.join(a.results)}")
+    if a.readme and not Path(a.readme).is_file():
+        raise SystemExit(f"error: README {a.readme} does not exist")
+    text = markdown(records)
+    if a.figure:
+        imbalance_figure(records, Path(a.figure))
+        text += f"\n\n![ACC and tail ACC against the imbalance ratio]({a.figure})"
+    if a.markdown:
+        Path(a.markdown).write_text(text + "\n")
+    if a.readme:
+        command = "clusterlight bench report " + " ".join(a.results) + (f" --figure {a.figure}" if a.figure else "") + \
+            f" --readme {a.readme}"
+        update_readme(Path(a.readme), f"Generated by `{command}` from {len(records)} records.\n\n{text}")
+    if not (a.markdown or a.readme):
+        print(text)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clusterlight bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a grid, appending one JSON record per run (already recorded runs are skipped)")
+    r.add_argument("--budget", choices=BUDGETS, default="fast")
+    r.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    r.add_argument("--datasets", nargs="+", default=DATASETS, choices=sorted(NUM_CLASSES))
+    r.add_argument("--splits", nargs="+", choices=list(SPLITS), default=["balanced", "lt10"])
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--out", default="results/bench_fast.jsonl", help="results file (JSON lines)")
+    r.add_argument("--runs", default="runs/bench", help="each run's checkpoints, figures and log go under this folder")
+    q = sub.add_parser("report", help="render results files as a Markdown table and an imbalance figure")
+    q.add_argument("results", nargs="+")
+    q.add_argument("--markdown", help="write the table here (default: print it)")
+    q.add_argument("--figure", help="write the ACC / tail-ACC vs imbalance ratio figure (PNG) here")
+    q.add_argument("--readme", help="replace the report between this README's bench-report markers")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    if a.command == "run":
+        if a.budget == "fast":
+            for m in a.methods:
+                for d in a.datasets:
+                    if d not in FAST[m]:
+                        raise SystemExit(f"error: the fast budget has no schedule for {m} on {d}; use --budget paper")
+        return run_grid(a)
+    return report(a)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""The benchmark runner: records, resume, report (checked against numpy), bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from clusterlight import bench
+
+
+def _records() -> list[dict]:
+    rng = np.random.default_rng(0)
+    out = []
+    for method in ("dec", "jule"):
+        for split in ("balanced", "lt10", "lt100"):
+            for seed in (0, 1, 2):
+                out.append({"method": method, "dataset": "usps", "split": split, "seed": seed, "budget": "fast",
+                            "acc": float(rng.uniform()), "nmi": float(rng.uniform()), "ari": float(rng.uniform()),
+                            "tail_acc": float(rng.uniform()), "train_s": float(rng.uniform(1, 9)),
+                            "peak_rss_mb": 900.0, "device": "cpu"})
+    return out
+
+
+def test_report_mean_and_sample_std_match_numpy(tmp_path) -> None:
+    records = _records()
+    text = bench.markdown(records)
+    for method in ("dec", "jule"):
+        for split in ("balanced", "lt10", "lt100"):
+            accs = np.array([r["acc"] for r in records if r["method"] == method and r["split"] == split])
+            tails = np.array([r["tail_acc"] for r in records if r["method"] == method and r["split"] == split])
+            row = next(line for line in text.splitlines() if line.startswith(f"| usps | {split} | {method} |"))
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert cells[3] == f"{accs.mean():.3f} ± {accs.std(ddof=1):.3f}"
+            assert cells[7] == f"{tails.mean():.3f} ± {tails.std(ddof=1):.3f}"
+            assert cells[-1] == "3"
+    # rows in imbalance order within the dataset
+    splits = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| usps |")]
+    assert splits == ["balanced"] * 2 + ["lt10"] * 2 + ["lt100"] * 2
+    bench.imbalance_figure(records, tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").stat().st_size > 1000
+
+
+def test_unknown_config_is_refused_before_any_run(tmp_path, capsys) -> None:
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(SystemExit, match="no config configs/jule/mnist.yaml"):
+        bench.main(["run", "--budget", "paper", "--methods", "jule", "--datasets", "mnist", "--out", str(out)])
+    with pytest.raises(SystemExit, match="fast budget has no schedule"):
+        bench.main(["run", "--methods", "jule", "--datasets", "digits", "--out", str(out)])
+    assert not out.exists()
+
+
+def test_corrupt_results_file_is_a_clear_error(tmp_path) -> None:
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"method": "dec"}\nnot json\n')
+    with pytest.raises(SystemExit, match="r.jsonl:2 is not a JSON record"):
+        bench.read_records(out)
+
+
+def test_grid_appends_one_record_per_run_and_resumes(tmp_path, monkeypatch) -> None:
+    # A tiny budget for the shipped digits config; the runs are real `fit` processes.
+    monkeypatch.setitem(bench.FAST["ae_kmeans"], "digits",
+                        ["--trainer.max_epochs=1", "--data.init_args.max_samples=300", "--model.init_args.kmeans_n_init=1"])
+    out = tmp_path / "records.jsonl"
+    argv = ["run", "--methods", "ae_kmeans", "--datasets", "digits", "--splits", "balanced", "lt10_ood",
+            "--seeds", "0", "--out", str(out), "--runs", str(tmp_path / "runs")]
+    assert bench.main(argv) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["split"], r["seed"]) for r in records] == [("balanced", 0), ("lt10_ood", 0)]
+    for r in records:
+        assert 0 <= r["acc"] <= 1 and 0 <= r["nmi"] <= 1 and r["nmi_geometric"] is not None
+        assert r["train_s"] > 0 and r["peak_rss_mb"] > 100 and r["version"] and len(r["config_hash"]) == 12
+        assert r["device"].startswith("cpu")
+    assert records[0]["ood_auroc"] is None and records[1]["ood_auroc"] is not None  # only the OOD split has it
+    assert records[1]["n_train"] < records[0]["n_train"]  # long tail + held-out class
+    # Interrupted grid: a second call with one more seed runs only the new seed.
+    assert bench.main([*argv[:-6], "--seeds", "0", "1", *argv[-4:]]) == 0
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["split"], r["seed"]) for r in again] == [("balanced", 0), ("lt10_ood", 0), ("balanced", 1), ("lt10_ood", 1)]
+    assert again[0] == records[0]
+    assert again[2]["config_hash"] == again[0]["config_hash"] != again[1]["config_hash"]
+
+
+def test_readme_report_replaces_only_between_markers(tmp_path) -> None:
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# top\nkeep me\n{bench.README_BEGIN}\nold table\n{bench.README_END}\n## after\nkeep too\n")
+    assert bench.main(["report", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# top\nkeep me\n") and text.endswith(f"{bench.README_END}\n## after\nkeep too\n")
+    assert "old table" not in text and "| usps | lt100 | jule |" in text and "from 18 records" in text
+    # no markers: a clear error, README untouched
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("# nothing here\n")
+    with pytest.raises(SystemExit, match="needs exactly one pair"):
+        bench.main(["report", str(results), "--readme", str(plain)])
+    assert plain.read_text() == "# nothing here\n"
+    with pytest.raises(SystemExit, match="does not exist"):
+        bench.main(["report", str(tmp_path / "missing.jsonl")])
+
+
+def test_report_flags_fast_far_below_paper() -> None:
+    records = _records()
+    paper = [dict(r, budget="paper", acc=r["acc"] + 0.2) for r in records if r["method"] == "dec"]
+    paper += [dict(r, budget="paper", acc=r["acc"] + 0.01) for r in records if r["method"] == "jule"]
+    text = bench.markdown(records + paper)
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:3]): line for line in text.splitlines()
+            if line.startswith("| usps |") and "+0." in line}
+    assert len(rows) == 6
+    assert all("far below" in rows[("usps", s, "dec")] for s in ("balanced", "lt10", "lt100"))
+    assert not any("far below" in rows[("usps", s, "jule")] for s in ("balanced", "lt10", "lt100"))
