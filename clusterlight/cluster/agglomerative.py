@@ -76,6 +76,7 @@ from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from clusterlight.errors import ClusterlightError
+from clusterlight.precision import float32_math
 
 __all__ = [
     "ISOLATED_FACTOR",
@@ -97,6 +98,7 @@ __all__ = [
 # kNN graph.
 
 
+@float32_math
 @torch.no_grad()
 def knn_graph(
     x: Tensor, k: int, chunk_size: int | None = None, col_chunk_size: int | None = None
@@ -232,6 +234,7 @@ class KnnGraph:
         return int(self.indices.shape[0])
 
 
+@float32_math
 def build_graph(
     x: Tensor, k_s: int = 20, chunk_size: int | None = None, keep_features: bool = True
 ) -> KnnGraph:
@@ -530,6 +533,7 @@ class Agglomeration:
         return done
 
 
+@float32_math
 def _nearest(a: Tensor, b: Tensor, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """For each row of ``a``, the index of and squared distance to the nearest row of ``b``."""
     idx, dist = [], []
@@ -543,6 +547,7 @@ def _nearest(a: Tensor, b: Tensor, chunk_size: int = 1024) -> tuple[np.ndarray, 
     return torch.cat(idx).numpy(), torch.cat(dist).double().numpy()
 
 
+@float32_math
 def agglomerate(
     x: Tensor | KnnGraph,
     n_target: int,

@@ -10,11 +10,12 @@
 Memory is O(N·k + chunk_size·k) on top of the data: squared distances are computed one chunk of
 points at a time as ``‖x‖² - 2 x·c + ‖c‖²`` (clamped at 0), never as an N x N matrix and without
 ``torch.cdist``. The arithmetic is float32 (half and bfloat16 inputs are upcast one chunk at a
-time; float64 inputs stay float64). Points are shifted by the data mean before that expansion, as
-scikit-learn does, so that data far from the origin loses no precision. On CUDA, when the global
-float32 matmul precision allows TF32 (``torch.set_float32_matmul_precision("high")``), the cross
-term is computed with a split-operand scheme (three TF32 products) that keeps float32 accuracy;
-the global setting itself is never changed. Cluster sums and the inertia accumulate in float64.
+time; float64 inputs stay float64), also under ``torch.autocast``, which is switched off inside.
+Points are shifted by the data mean before that expansion, as scikit-learn does, so that data far
+from the origin loses no precision. On CUDA, when the global float32 matmul precision allows TF32
+(``torch.set_float32_matmul_precision("high")``), the cross term is computed with a split-operand
+scheme (three TF32 products) that keeps float32 accuracy; the global setting itself is never
+changed. Cluster sums and the inertia accumulate in float64.
 
 All randomness comes from a local ``torch.Generator`` seeded with ``seed``: the global RNG state
 is left untouched, and the same seed gives the same result.
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from clusterlight.errors import ClusterlightError
+from clusterlight.precision import float32_math
 
 __all__ = ["KMeansResult", "assign", "distributed_kmeans", "kmeans", "kmeans_plusplus"]
 
@@ -419,6 +421,7 @@ def _fit(
     return KMeansResult(centers=centers, labels=labels, inertia=inertia, n_iter=n_iter)
 
 
+@float32_math
 @torch.no_grad()
 def kmeans(
     x: Tensor,
@@ -459,6 +462,7 @@ def kmeans(
     return _fit(x, k, n_init, max_iter, tol, seed, chunk_size, init, _LocalComm(), 0)
 
 
+@float32_math
 @torch.no_grad()
 def distributed_kmeans(
     x_local: Tensor,
@@ -505,6 +509,7 @@ def distributed_kmeans(
     return _fit(x_local, k, n_init, max_iter, tol, seed, chunk_size, init, comm, init_sample_size)
 
 
+@float32_math
 @torch.no_grad()
 def assign(x: Tensor, centers: Tensor, chunk_size: int = 8192) -> tuple[Tensor, Tensor]:
     """Nearest centre of each point, computed chunk by chunk.
@@ -532,6 +537,7 @@ def assign(x: Tensor, centers: Tensor, chunk_size: int = 8192) -> tuple[Tensor, 
     return labels, d2
 
 
+@float32_math
 @torch.no_grad()
 def kmeans_plusplus(
     x: Tensor, k: int, *, seed: int = 0, n_local_trials: int | None = None, chunk_size: int = 8192

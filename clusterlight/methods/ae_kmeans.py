@@ -10,10 +10,15 @@ from torch import Tensor, nn
 from clusterlight.cluster.kmeans import kmeans
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
 from clusterlight.nn import ConvAutoencoder
+from clusterlight.precision import float32_math
 
 
+@float32_math
 def squared_distances(z: Tensor, centers: Tensor) -> Tensor:
-    """Squared Euclidean distances ``(B, K)`` between rows of ``z`` and ``centers`` (float32)."""
+    """Squared Euclidean distances ``(B, K)`` between rows of ``z`` and ``centers``.
+
+    Float32, also under autocast (switched off here: a bfloat16 ``z @ centers.T`` would cancel).
+    """
     z, centers = z.float(), centers.float()
     d = z.pow(2).sum(1, keepdim=True) - 2 * z @ centers.T + centers.pow(2).sum(1)
     return d.clamp_min(0)

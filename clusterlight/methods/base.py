@@ -23,6 +23,7 @@ honesty guarantee of clusterlight, and ``tests/test_label_free.py`` checks it fo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -270,6 +271,10 @@ class ClusteringModule(LightningModule):
         Under DDP each rank processes its shard; the results are gathered and de-duplicated by
         dataset index (the distributed sampler pads with repeated samples), so every rank returns
         the same ``(N, ...)`` tensor, row ``i`` belonging to sample ``i`` of the split.
+
+        ``fn`` runs under the Trainer's precision (autocast for ``bf16-mixed``/``16-mixed``, as in
+        the training and evaluation steps, even though this is called from hooks outside them);
+        the result is float32, and so is the clustering that follows.
         """
         fn = fn or self.embed
         dm = self._datamodule()
@@ -282,8 +287,11 @@ class ClusteringModule(LightningModule):
         was_training = self.training
         self.eval()
         outs, idxs = [], []
+        precision = self.trainer.precision_plugin if self._trainer is not None else None
         for batch in loader:
-            outs.append(fn(batch["image"].to(self.device)).float())
+            with precision.forward_context() if precision is not None else contextlib.nullcontext():
+                out = fn(batch["image"].to(self.device))
+            outs.append(out.float())
             idxs.append(batch["index"].to(self.device))
         self.train(was_training)
         out, idx = torch.cat(outs), torch.cat(idxs)

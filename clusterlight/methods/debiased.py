@@ -22,13 +22,15 @@ from clusterlight.cluster.kmeans import kmeans
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
 from clusterlight.nn import MLP, ConvAutoencoder
 from clusterlight.nn.stats_pool import StatisticsPooling
+from clusterlight.precision import float32_math
 
 
+@float32_math
 def mixture_log_posterior(z: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor) -> tuple[Tensor, Tensor]:
     """Log posterior ``log q (B, K)`` of a diagonal Gaussian mixture and the Mahalanobis terms.
 
     ``log q_bk = log pi_k - 0.5 * sum_d [(z_bd - mu_kd)^2 / var_kd + log var_kd]`` (normalised
-    over ``k``). Also returns the squared Mahalanobis distances ``(B, K)``.
+    over ``k``). Also returns the squared Mahalanobis distances ``(B, K)``. Float32, also under autocast.
     """
     z, mean, var = z.float(), mean.float(), var.float()
     inv = 1.0 / var
@@ -228,11 +230,18 @@ class DebiasedClustering(ClusteringModule):
         return [opt_r, opt_c], [self.lr_scheduler_factory(opt_r), self.lr_scheduler_factory(opt_c)]
 
     def _step(self, opt: Any, loss: Tensor) -> None:
+        # manual_backward and the LightningOptimizer's step() go through the precision plugin:
+        # under 16-mixed the loss is scaled and the step unscales, skips non-finite steps and
+        # updates the GradScaler.
         opt.zero_grad()
         self.manual_backward(loss)
-        if self.grad_clip is not None:
-            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # Called inside opt.step(), after a GradScaler (16-mixed) has unscaled the gradients:
+        # clipping here sees the true gradient norm under every precision.
+        if self.grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
     def fit_step(self, images: Tensor, index: Tensor, batch_idx: int) -> dict[str, Tensor]:
         opt_r, opt_c = self.optimizers()

@@ -27,6 +27,7 @@ from clusterlight.cluster.agglomerative import (
 )
 from clusterlight.errors import ClusterlightError
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
+from clusterlight.precision import no_autocast
 
 
 def weighted_triplet_loss(
@@ -66,8 +67,9 @@ def weighted_triplet_loss(
     if anchor.numel() == 0:
         return zero
     z = z.float()
-    sq = (z * z).sum(1)
-    dist = (sq[:, None] + sq[None, :] - 2.0 * (z @ z.T)).clamp_min(0)
+    with no_autocast(z):  # float32 distances also under mixed precision
+        sq = (z * z).sum(1)
+        dist = (sq[:, None] + sq[None, :] - 2.0 * (z @ z.T)).clamp_min(0)
     negative = ~same[anchor]  # [P, B]
     if num_negatives is not None and num_negatives < z.shape[0]:
         scores = torch.rand(negative.shape, device=z.device, generator=generator)
@@ -244,8 +246,9 @@ class JULE(ClusteringModule):
         return bool(self.centroids_fitted)
 
     def similarities(self, z: Tensor) -> Tensor:
-        """Cosine similarities ``[B, K]`` of normalised features to the centroids."""
-        return z.float() @ F.normalize(self.centroids.float(), dim=1).T
+        """Cosine similarities ``[B, K]`` of normalised features to the centroids (float32)."""
+        with no_autocast(z):
+            return z.float() @ F.normalize(self.centroids.float(), dim=1).T
 
     def cluster_outputs(self, images: Tensor) -> ClusterOutput:
         z = self.features(images)

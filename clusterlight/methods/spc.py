@@ -44,6 +44,7 @@ from clusterlight.errors import ClusterlightError
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
 from clusterlight.metrics import match_clusters
 from clusterlight.nn.ensemble import EnsembleConvAutoencoder, EnsembleMLP
+from clusterlight.precision import float32_math
 
 __all__ = ["SPC", "PseudoLabelPrecision", "latent_noise", "pseudo_label_precision"]
 
@@ -376,6 +377,7 @@ class SPC(ClusteringModule):
             rank_zero_info(f"SPC: the agreed fraction has not grown for {self._stale} meta-epochs; stopping")
             self.trainer.should_stop = True
 
+    @float32_math
     def _update_centroids(self, lat: Tensor, labels: Tensor, mask: Tensor) -> None:
         """Per member, the mean latent of each cluster's agreed samples (all its voted samples if none agreed)."""
         k = self.num_clusters

@@ -21,9 +21,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from clusterlight.precision import float32_math
 
+
+@float32_math
 def pooled_moments(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Weighted sums per group: ``(n (K,), s1 (K, D), s2 (K, D))`` with ``s1 = w^T x``, ``s2 = w^T x^2``."""
+    """Weighted sums per group: ``(n (K,), s1 (K, D), s2 (K, D))`` with ``s1 = w^T x``, ``s2 = w^T x^2``.
+
+    Float32, also under autocast (switched off here).
+    """
     x, w = x.float(), w.float()
     return w.sum(0), w.T @ x, w.T @ (x * x)
 
