@@ -95,6 +95,8 @@ PAPER: dict[tuple[str, str], tuple[float | None, float | None, str]] = {
     ("spc", "fashion_mnist"): (0.679, 0.735, "SPC paper (KI 2021), Fashion-MNIST 70,000"),
     ("jule", "usps"): (0.950, 0.913, "JULE-RC (CVPR 2016), USPS 9,298 images, geometric NMI"),
     ("jule", "coil20"): (None, 1.000, "JULE-RC (CVPR 2016), COIL-20 1,440 images, geometric NMI"),
+    ("online_hard", "fashion_mnist"): (0.506, 0.515, "authors' code run on 2 CPU cores, 10 epochs, epoch chosen by "
+                                                     "true NMI; a second run gave 0.662 / 0.609 (Fashion-MNIST 70,000)"),
 }
 
 #: A ``fast`` ACC this much below the ``paper`` budget's is flagged in the report.
