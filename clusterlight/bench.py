@@ -293,11 +293,16 @@ def markdown(records: list[dict[str, Any]]) -> str:
 
 
 def imbalance_figure(records: list[dict[str, Any]], path: Path) -> None:
-    """ACC and tail accuracy against the imbalance ratio (1 = balanced), one line per method, per dataset."""
+    """ACC and tail accuracy against the imbalance ratio (1 = balanced), one line per method, per dataset.
+
+    One budget per figure: ``fast`` when the records have it.
+    """
     from matplotlib.figure import Figure
 
     ratio = {"balanced": 1, "lt10": 10, "lt100": 100}
-    agg = aggregate([r for r in records if r["split"] in ratio])
+    budgets = {r["budget"] for r in records}
+    budget = "fast" if "fast" in budgets else sorted(budgets)[0]  # one budget per figure
+    agg = aggregate([r for r in records if r["split"] in ratio and r["budget"] == budget])
     datasets = sorted({c[1] for c in agg})
     if not datasets:
         raise SystemExit("error: no balanced or long-tailed records to plot")
