@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DistributedSampler, SequentialSampler
 
 import clusterlight.data as cdata
 from clusterlight.data import (
@@ -26,6 +26,7 @@ from clusterlight.data import (
     ImageArrays,
     long_tail_counts,
 )
+from clusterlight.data.datamodule import GlobalBatchSampler
 from clusterlight.data.datasets import DEFAULT_ROOT, convert_images, read_idx
 from clusterlight.errors import ClusterlightError
 
@@ -164,7 +165,7 @@ def test_imbalance_test_and_step_profile():
 # --------------------------------------------------------------------------- held-out OOD classes
 @pytest.fixture(scope="module")
 def usps_ood() -> ClusteringDataModule:
-    dm = ClusteringDataModule(dataset="usps", ood_classes=[3, 7], ood_fraction=0.2, batch_size=1000)
+    dm = ClusteringDataModule(dataset="usps", ood_classes=[3, 7], ood_fraction=0.2, batch_size=1000, drop_last=False)
     dm.setup()
     return dm
 
@@ -488,7 +489,7 @@ def test_dataset_items_and_batched_path():
 
 def test_dataloaders(usps_ood):
     dm = usps_ood
-    assert isinstance(dm.train_dataloader().sampler, RandomSampler)
+    assert isinstance(dm.train_dataloader().sampler, GlobalBatchSampler)  # see tests/test_global_batches.py
     for name in ("val", "test", "predict"):
         assert isinstance(getattr(dm, f"{name}_dataloader")().sampler, SequentialSampler)
     assert dm.predict_dataset is dm.test_dataset
@@ -522,7 +523,7 @@ def test_num_clusters_larger_than_training_set():
 def test_every_argument_typed_and_documented():
     doc = ClusteringDataModule.__doc__
     params = list(inspect.signature(ClusteringDataModule.__init__).parameters.values())[1:]
-    assert len(params) == 22
+    assert len(params) == 23
     for p in params:
         assert p.kind is p.POSITIONAL_OR_KEYWORD and p.annotation is not inspect.Parameter.empty, p.name
         assert f"\n        {p.name}: " in doc, p.name

@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from clusterlight.data.datasets import DATASETS, ImageArrays, convert_images
 from clusterlight.data.splits import (
@@ -24,7 +25,7 @@ from clusterlight.data.splits import (
 )
 from clusterlight.errors import ClusterlightError
 
-__all__ = ["ClusteringDataModule", "ClusteringDataset"]
+__all__ = ["ClusteringDataModule", "ClusteringDataset", "GlobalBatchSampler", "ShardedSequentialSampler", "run_seed"]
 
 SPLIT_NAMES = ("train", "val", "test", "predict")
 
@@ -107,6 +108,144 @@ class ClusteringDataset(Dataset):
         return f"ClusteringDataset(n={len(self)}, shape=({c}, {h}, {w}), ood={self.num_ood})"
 
 
+def run_seed(default: int = 0) -> int:
+    """The run's seed: the one ``seed_everything`` set (``PL_GLOBAL_SEED``), else ``default``."""
+    value = os.environ.get("PL_GLOBAL_SEED")
+    return default if value is None else int(value)
+
+
+def _divisible_hint(batch_size: int, world: int) -> str:
+    low, high = batch_size // world * world, -(-batch_size // world) * world
+    options = " or ".join(str(v) for v in dict.fromkeys(v for v in (low, high) if v > 0))
+    return (f"batch_size {batch_size} is the global batch size (summed over processes) and must be divisible by "
+            f"the {world} processes (devices x nodes); use {options}")
+
+
+class GlobalBatchSampler(DistributedSampler):
+    """Shuffled training order whose global batches do not depend on the number of processes.
+
+    Every epoch draws one permutation ``perm`` of the ``N`` samples from ``(seed, epoch)`` with a
+    local generator (the global RNG is never touched; Lightning calls :meth:`set_epoch`). Global
+    batch ``t`` is ``perm[t*B : (t+1)*B]`` with ``B = batch_size``, the **global** batch size.
+    Process ``r`` of ``W`` yields ``perm[t*B + r*b : t*B + (r+1)*b]`` with ``b = B / W`` (load it
+    with ``DataLoader(batch_size=b)``), so the union of the processes' batch ``t`` is exactly the
+    one-process batch ``t`` and every process takes the same number of equal steps.
+
+    The last ``N mod B`` samples of the epoch (different ones every epoch) do not fill a global
+    batch: with ``drop_last`` they are skipped. Without it they form a last, smaller batch, split
+    into ``W`` contiguous chunks of ``ceil(n / W)`` samples, a short chunk padded with the epoch's
+    first samples (as ``DistributedSampler`` pads); under ``W > 1`` that batch equals the
+    one-process batch only when ``n`` is a multiple of ``W``.
+
+    A ``DistributedSampler`` subclass, so Lightning injects no sampler of its own.
+
+    Args:
+        dataset: the training dataset (only its length is used).
+        batch_size: the global batch size ``B``; must be divisible by ``num_replicas``.
+        num_replicas: number of processes ``W``.
+        rank: this process's rank ``r``.
+        seed: seed of the permutations (the run's seed).
+        drop_last: skip the samples that do not fill a last global batch.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 drop_last: bool = True) -> None:
+        if batch_size < 1 or num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"bad batch_size {batch_size}, num_replicas {num_replicas} or rank {rank}")
+        if batch_size % num_replicas:
+            raise ClusterlightError(_divisible_hint(batch_size, num_replicas))
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
+        n = self.length = len(dataset)
+        self.global_batch_size = int(batch_size)
+        self.local_batch_size = self.global_batch_size // num_replicas
+        self.num_full_batches = n // self.global_batch_size
+        self.remainder = n - self.num_full_batches * self.global_batch_size
+        last = 0 if drop_last or self.remainder == 0 else -(-self.remainder // num_replicas)
+        self.num_samples = self.num_full_batches * self.local_batch_size + last
+        self.total_size = self.num_samples * num_replicas
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def permutation(self) -> np.ndarray:
+        """This epoch's order of the samples (the same on every process)."""
+        rng = np.random.default_rng([int(self.seed) & 0xFFFFFFFF, int(self.seed) >> 32 & 0xFFFFFFFF,
+                                     zlib.crc32(b"train_order"), int(self.epoch)])
+        return rng.permutation(self.length)
+
+    def global_batches(self) -> list[list[int]]:
+        """This epoch's one-process batches (what ``W = 1`` yields, batch by batch)."""
+        perm = self.permutation().tolist()
+        b = self.global_batch_size
+        batches = [perm[t * b:(t + 1) * b] for t in range(self.num_full_batches)]
+        if not self.drop_last and self.remainder:
+            batches.append(perm[self.num_full_batches * b:])
+        return batches
+
+    def __iter__(self) -> Iterator[int]:
+        perm = self.permutation()
+        big, small, r = self.global_batch_size, self.local_batch_size, self.rank
+        full = perm[:self.num_full_batches * big].reshape(self.num_full_batches, big)
+        mine = full[:, r * small:(r + 1) * small].reshape(-1).tolist()
+        if not self.drop_last and self.remainder:
+            chunk = -(-self.remainder // self.num_replicas)
+            tail = perm[self.num_full_batches * big:][r * chunk:(r + 1) * chunk].tolist()
+            mine += tail + perm[:chunk - len(tail)].tolist()  # pad a short chunk with the epoch's first samples
+        return iter(mine)
+
+
+class ShardedSequentialSampler(Sampler[int]):
+    """The samples in order, for whole-split passes under DDP, in global batches of the one-process size.
+
+    Global batch ``t`` is ``[t*B, (t+1)*B)`` (cut at ``N``); process ``r`` of ``W`` takes a
+    contiguous chunk of it: ``[t*B + r*c, t*B + (r+1)*c)`` with ``c = ceil(B / W)`` for the full
+    batches, and for the last, partial one near-equal parts (sizes differ by at most one; a process
+    gets none only when that batch has fewer than ``W`` samples). Nothing is padded or repeated, so
+    gathered results need no de-duplication, and a layer that pools over a batch (synchronised batch
+    norm in training mode) sees the same batches as one process. Load it with
+    ``DataLoader(batch_size=c)``: the loader yields the chunks one by one, :attr:`num_batches` of
+    them, one fewer where this process's last chunk is empty (callers then run an empty batch, so
+    that collectives match).
+
+    Args:
+        length: number of samples ``N``.
+        batch_size: the global batch size ``B``.
+        num_replicas: number of processes ``W``.
+        rank: this process's rank ``r``.
+    """
+
+    def __init__(self, length: int, batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        if batch_size < 1 or num_replicas < 1 or not 0 <= rank < num_replicas or length < 0:
+            raise ValueError(f"bad length {length}, batch_size {batch_size}, num_replicas {num_replicas} or rank {rank}")
+        self.length, self.num_replicas, self.rank = int(length), int(num_replicas), int(rank)
+        self.local_batch_size = -(-int(batch_size) // self.num_replicas)
+        self.global_batch_size = self.local_batch_size * self.num_replicas
+        self.num_batches = -(-self.length // self.global_batch_size)
+
+    def chunks(self, rank: int | None = None) -> list[range]:
+        """The chunk of every global batch for ``rank`` (default: this process)."""
+        r = self.rank if rank is None else rank
+        big, c, w = self.global_batch_size, self.local_batch_size, self.num_replicas
+        full = self.length // big
+        out = [range(t * big + r * c, t * big + (r + 1) * c) for t in range(full)]
+        if full < self.num_batches:  # the partial last batch: near-equal parts, the larger ones first
+            base, extra = divmod(self.length - full * big, w)
+            start = full * big + r * base + min(r, extra)
+            out.append(range(start, start + base + (r < extra)))
+        return out
+
+    @property
+    def max_local_samples(self) -> int:
+        """The most samples any process gets (rank 0's count), for equal-size gathers."""
+        return sum(len(chunk) for chunk in self.chunks(0))
+
+    def __iter__(self) -> Iterator[int]:
+        return (i for chunk in self.chunks() for i in chunk)
+
+    def __len__(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks())
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
@@ -132,7 +271,12 @@ class ClusteringDataModule(pl.LightningDataModule):
             ~/.cache/clusterlight), the class-folder tree for folder, the .npz file for npz; for usps
             and coil20 a folder holding usps.npz/coil20.npz (default: the shipped copy).
         download: Download torchvision data sets into root when missing.
-        batch_size: Batch size of all data loaders.
+        batch_size: The global batch size of all data loaders: under DDP each of the W processes
+            (devices x nodes) loads batch_size / W samples per step, so the global batches, and the
+            results, do not depend on W (training needs batch_size divisible by W). Training batches
+            come from :class:`GlobalBatchSampler`: one permutation per epoch from the run's seed
+            (``seed_everything``; ``seed`` when it was not called) and the epoch, the same global
+            batches on any number of processes.
         num_workers: Data loader worker processes (0 loads in the main process).
         val_fraction: Stratified fraction of the (long-tailed) training pool kept for validation, in [0, 1).
         test_fraction: Stratified fraction held out as test split for sources without an official
@@ -161,6 +305,10 @@ class ClusteringDataModule(pl.LightningDataModule):
         skip_corrupt: Skip unreadable image files of a folder source (counted in the summary) instead
             of failing.
         pin_memory: Pin batches in page-locked memory (only when CUDA is available).
+        drop_last: Skip the training samples that do not fill a last global batch (the N mod batch_size
+            last of each epoch's order, different ones every epoch), so that every step has batch_size
+            samples; false keeps them as a smaller last batch (under DDP then equal to one process only
+            when their number is a multiple of the process count).
     """
 
     def __init__(
@@ -187,6 +335,7 @@ class ClusteringDataModule(pl.LightningDataModule):
         max_samples: int | None = None,
         skip_corrupt: bool = False,
         pin_memory: bool = True,
+        drop_last: bool = True,
     ) -> None:
         super().__init__()
         self._validate_options(locals())
@@ -211,6 +360,7 @@ class ClusteringDataModule(pl.LightningDataModule):
         self.max_samples = max_samples
         self.skip_corrupt = bool(skip_corrupt)
         self.pin_memory = bool(pin_memory)
+        self.drop_last = bool(drop_last)
 
         self.source = DATASETS[dataset]
         self.source.check(root, self.download)
@@ -268,7 +418,7 @@ class ClusteringDataModule(pl.LightningDataModule):
         for key in ("root", "ood_root"):
             if args[key] is not None and (not isinstance(args[key], str) or not args[key]):
                 raise ClusterlightError(f"{key} must be a path (a non-empty string), got {args[key]!r}")
-        for key in ("download", "imbalance_test", "skip_corrupt", "pin_memory"):
+        for key in ("download", "imbalance_test", "skip_corrupt", "pin_memory", "drop_last"):
             if not isinstance(args[key], (bool, np.bool_)):
                 raise ClusterlightError(f"{key} must be true or false, got {args[key]!r}")
         for key, low in (("batch_size", 1), ("num_workers", 0)):
@@ -553,11 +703,22 @@ class ClusteringDataModule(pl.LightningDataModule):
         if self.train_dataset is None:
             self.setup()
 
+    def _world(self) -> tuple[int, int]:
+        """``(world size, global rank)`` of the attached trainer (``(1, 0)`` without one)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
+    def _local_batch_size(self) -> int:
+        """This process's share of the global ``batch_size`` (rounded up)."""
+        return -(-self.batch_size // self._world()[0])
+
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None,
                 sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=batch_size or self.batch_size,
+            batch_size=batch_size or self._local_batch_size(),
             shuffle=shuffle if sampler is None else False,
             sampler=sampler,
             num_workers=self.num_workers,
@@ -566,10 +727,23 @@ class ClusteringDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of the training split."""
+    def train_sampler(self) -> GlobalBatchSampler:
+        """The training order: global batches of ``batch_size`` that do not depend on the process count."""
         self._ensure_setup()
-        return self._loader(self.train_dataset, shuffle=True)
+        world, rank = self._world()
+        sampler = GlobalBatchSampler(self.train_dataset, self.batch_size, world, rank, seed=run_seed(self.seed),
+                                     drop_last=self.drop_last)
+        if len(sampler) == 0:
+            raise ClusterlightError(f"the training split has {len(self.train_dataset)} samples, fewer than batch_size "
+                                    f"{self.batch_size} (the global batch size), and drop_last is true: lower "
+                                    "batch_size or set drop_last: false")
+        return sampler
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches of the training split (see :class:`GlobalBatchSampler`); per process
+        ``batch_size / W`` samples."""
+        sampler = self.train_sampler()
+        return self._loader(self.train_dataset, shuffle=False, batch_size=sampler.local_batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Batches of the validation split (in-distribution + OOD), in order."""
@@ -599,8 +773,8 @@ class ClusteringDataModule(pl.LightningDataModule):
 
         Args:
             split: ``"train"``, ``"val"``, ``"test"`` or ``"predict"``.
-            batch_size: Batch size (default: the module's ``batch_size``).
-            sampler: Optional sampler, e.g. a ``DistributedSampler(shuffle=False)`` under DDP.
+            batch_size: Batch size of this loader (default: this process's share of ``batch_size``).
+            sampler: Optional sampler, e.g. a :class:`ShardedSequentialSampler` under DDP.
         """
         return self._loader(self.split_dataset(split), shuffle=False, batch_size=batch_size, sampler=sampler)
 

@@ -25,18 +25,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DistributedSampler
 
 from clusterlight import __version__
+from clusterlight.data.datamodule import ShardedSequentialSampler, run_seed
 from clusterlight.errors import ClusterlightError
 from clusterlight.metrics import ClusteringMetrics
 
@@ -268,9 +270,13 @@ class ClusteringModule(LightningModule):
     ) -> Tensor:
         """Apply ``fn`` (default :meth:`embed`) to every image of a split, in dataset order.
 
-        Under DDP each rank processes its shard; the results are gathered and de-duplicated by
-        dataset index (the distributed sampler pads with repeated samples), so every rank returns
-        the same ``(N, ...)`` tensor, row ``i`` belonging to sample ``i`` of the split.
+        The split goes through in global batches of ``batch_size`` (default: the DataModule's)
+        consecutive samples, whatever the number of processes: under DDP each rank takes a
+        contiguous chunk of every global batch (:class:`~clusterlight.data.datamodule.ShardedSequentialSampler`;
+        nothing is padded or repeated; a rank whose chunk of the last batch is empty calls ``fn`` on
+        an empty batch, so that collectives inside ``fn`` -- synchronised batch norm -- match), then
+        the results are gathered and placed by dataset index. Every rank returns the same
+        ``(N, ...)`` tensor, row ``i`` belonging to sample ``i`` of the split.
 
         ``fn`` runs under the Trainer's precision (autocast for ``bf16-mixed``/``16-mixed``, as in
         the training and evaluation steps, even though this is called from hooks outside them);
@@ -278,29 +284,90 @@ class ClusteringModule(LightningModule):
         """
         fn = fn or self.embed
         dm = self._datamodule()
-        dataset = getattr(dm, f"{split}_dataset")
+        dataset = dm.split_dataset(split)
         world = self.trainer.world_size if self._trainer is not None else 1
-        sampler = None
-        if world > 1:
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=self.global_rank, shuffle=False)
-        loader = dm.embedding_dataloader(split, batch_size=batch_size, sampler=sampler)
+        batch_size = int(batch_size or dm.batch_size)
+        sampler = ShardedSequentialSampler(len(dataset), batch_size, world, self.global_rank if world > 1 else 0)
+        loader = dm.embedding_dataloader(split, batch_size=sampler.local_batch_size,
+                                         sampler=sampler if world > 1 else None)
         was_training = self.training
         self.eval()
         outs, idxs = [], []
         precision = self.trainer.precision_plugin if self._trainer is not None else None
-        for batch in loader:
+
+        def run(images: Tensor) -> None:
             with precision.forward_context() if precision is not None else contextlib.nullcontext():
-                out = fn(batch["image"].to(self.device))
+                out = fn(images)
             outs.append(out.float())
+
+        for batch in loader:
+            run(batch["image"].to(self.device))
             idxs.append(batch["index"].to(self.device))
+        while len(outs) < sampler.num_batches or not outs:  # an empty last chunk (or split): an empty batch
+            run(torch.zeros((0, *dataset.images.shape[1:]), device=self.device))
+            idxs.append(torch.zeros(0, dtype=torch.long, device=self.device))
         self.train(was_training)
         out, idx = torch.cat(outs), torch.cat(idxs)
         if world > 1:
+            size = sampler.max_local_samples  # equal shapes for the gather; rows past this rank's count: index -1
+            out = torch.cat([out, out.new_zeros((size - len(out), *out.shape[1:]))])
+            idx = torch.cat([idx, idx.new_full((size - len(idx),), -1)])
             out = self.all_gather(out).flatten(0, 1)
             idx = self.all_gather(idx).flatten(0, 1)
-        result = out.new_empty((len(dataset), *out.shape[1:]))
-        result[idx] = out  # duplicates from padding carry identical rows
+            keep = idx >= 0
+            out, idx = out[keep], idx[keep]
+        result = out.new_zeros((len(dataset), *out.shape[1:]))
+        result[idx] = out
         return result
+
+    # ------------------------------------------------------------------ global batches under DDP
+    def gather_batch(self, x: Tensor) -> tuple[Tensor, int]:
+        """The global training batch of a per-sample tensor, and where this rank's rows start in it.
+
+        Under DDP the global batch is every rank's batch concatenated in rank order, which is the
+        one-process batch (see :class:`~clusterlight.data.datamodule.GlobalBatchSampler`). This
+        rank's rows keep their autograd graph, the other ranks' rows are constants: a loss computed
+        from it on every rank needs :meth:`gathered_loss`. Every rank must call this. On one
+        process: ``(x, 0)``.
+        """
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return x, 0
+        sizes = self.all_gather(torch.tensor([x.shape[0]], device=x.device)).view(-1).tolist()
+        most = max(sizes)
+        send = x.detach().to(torch.uint8) if x.dtype == torch.bool else x.detach()  # gloo gathers no bool
+        if most > x.shape[0]:
+            send = torch.cat([send, send.new_zeros((most - x.shape[0], *x.shape[1:]))])
+        parts = [part.to(x.dtype) for part in self.all_gather(send).unbind(0)]
+        rank = self.global_rank
+        parts = [part[:n] for part, n in zip(parts, sizes)]
+        parts[rank] = x
+        return torch.cat(parts), int(sum(sizes[:rank]))
+
+    def gathered_loss(self, loss: Tensor) -> Tensor:
+        """A loss computed identically on every rank from :meth:`gather_batch` tensors: same value,
+        gradient times the world size, so that DDP's averaging of the ranks' gradients gives the
+        one-process gradient (each rank's gradient only reaches its own rows)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return loss if world == 1 else loss + (world - 1) * (loss - loss.detach())
+
+    def global_batch_sum(self, x: Tensor) -> Tensor:
+        """``x`` summed over the ranks (no gradient): per-rank sums become sums over the global batch."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return x.detach()
+        return self.trainer.strategy.reduce(x.detach().clone(), reduce_op="sum")
+
+    def batch_generator(self, batch_idx: int, purpose: str) -> torch.Generator:
+        """A generator for the random draws of one training batch, the same on every rank and for any
+        number of processes: seeded by the run's seed (``seed_everything``), the epoch, the batch and
+        ``purpose``. Draw the whole global batch's values on every rank and keep this rank's rows."""
+        seed = run_seed(0)
+        state = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, int(self.current_epoch),
+                                        int(batch_idx), zlib.crc32(purpose.encode())]).generate_state(2)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(state[0]) << 31 ^ int(state[1]))
+        return gen
 
     def broadcast_tensor(self, value: Tensor | None, src: int = 0) -> Tensor:
         """Broadcast a tensor computed on rank ``src`` to every rank (every rank must call this)."""

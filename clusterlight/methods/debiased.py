@@ -41,7 +41,7 @@ def mixture_log_posterior(z: Tensor, mean: Tensor, var: Tensor, log_prior: Tenso
     return torch.log_softmax(log_lik + log_prior, dim=1), maha
 
 
-def debiased_target(q: Tensor, prior: Tensor | None, power: float = 2.0) -> Tensor:
+def debiased_target(q: Tensor, prior: Tensor | None, power: float = 2.0, freq: Tensor | None = None) -> Tensor:
     """Self-training target debiased by cardinality.
 
     DEC's target ``q^2 / f`` (``f_k`` the batch's soft cluster frequency) pushes every cluster
@@ -49,9 +49,10 @@ def debiased_target(q: Tensor, prior: Tensor | None, power: float = 2.0) -> Tens
     statistics pooling block removes that push: ``p_bk ~ q_bk^power * pi_k / f_k``. A cluster used
     in the batch as often as its running size says is only sharpened, neither grown nor shrunk;
     one suddenly over-used (absorbing others) is damped. ``prior=None`` gives DEC's target.
+    ``freq`` is ``f`` (default ``q.sum(0)``; under DDP pass the global batch's sum).
     """
     q = q.float()
-    weight = q.pow(power) / q.sum(0).clamp_min(1e-12)
+    weight = q.pow(power) / (q.sum(0) if freq is None else freq.float()).clamp_min(1e-12)
     if prior is not None:
         weight = weight * prior.float()
     return weight / weight.sum(1, keepdim=True).clamp_min(1e-12)
@@ -258,7 +259,8 @@ class DebiasedClustering(ClusteringModule):
             log_q_now, _, prior = self._posterior(self._cluster_space(z_r.detach()))
             if self.use_cardinality and self.debias_strength > 0:
                 w = (self.num_clusters * prior[log_q_now.argmax(1)]).pow(-self.debias_strength)
-                w = w / w.mean()
+                # normalised to mean 1 over the global batch (all ranks' batches under DDP)
+                w = w * (self.global_batch_sum(w.new_tensor(float(w.numel()))) / self.global_batch_sum(w.sum()))
             else:
                 w = torch.ones_like(per_sample)
         recon_loss = (w * per_sample).mean()
@@ -269,7 +271,8 @@ class DebiasedClustering(ClusteringModule):
         z_c = self._cluster_space(z_r.detach())
         log_q, _, prior = self._posterior(z_c)
         q = log_q.exp()
-        target = debiased_target(q.detach(), prior if self.use_cardinality else None, self.target_power)
+        target = debiased_target(q.detach(), prior if self.use_cardinality else None, self.target_power,
+                                 freq=self.global_batch_sum(q.detach().sum(0)))  # f of the global batch
         cluster_loss = (target * (target.clamp_min(1e-12).log() - log_q)).sum(1).mean()
         self._step(opt_c, cluster_loss + self._touch(self.representation))
 

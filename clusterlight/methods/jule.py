@@ -27,6 +27,7 @@ from clusterlight.cluster.agglomerative import (
 )
 from clusterlight.errors import ClusterlightError
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
+from clusterlight.nn.backbones import _norm
 from clusterlight.precision import no_autocast
 
 
@@ -98,9 +99,11 @@ class JULENet(nn.Module):
         input_shape: ``(channels, height, width)``.
         channels: feature maps per block (50 in the authors' models).
         feature_dim: output size (160 in the authors' models).
+        norm: normalisation after each convolution: ``batch`` (the authors'), ``group`` or ``none``.
     """
 
-    def __init__(self, input_shape: Sequence[int], channels: int = 50, feature_dim: int = 160) -> None:
+    def __init__(self, input_shape: Sequence[int], channels: int = 50, feature_dim: int = 160,
+                 norm: str = "batch") -> None:
         super().__init__()
         c, h, w = (int(v) for v in input_shape)
         layers: list[nn.Module] = []
@@ -114,7 +117,7 @@ class JULENet(nn.Module):
             nh, nw = after(h, kernel), after(w, kernel)
             if layers and (kernel < 5 or min(nh, nw) < 4):
                 break
-            layers += [nn.Conv2d(cin, channels, kernel), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+            layers += [nn.Conv2d(cin, channels, kernel), _norm(norm, channels), nn.ReLU(inplace=True),
                        nn.MaxPool2d(2, 2, ceil_mode=True)]
             cin, h, w = channels, nh, nw
         self.blocks = nn.Sequential(*layers)
@@ -139,7 +142,10 @@ class JULE(ClusteringModule):
        untrained CNN's features.
     2. **Backward pass**: ``epochs_per_period`` epochs of the CNN on the weighted triplet loss
        (:func:`weighted_triplet_loss`), the triplets of each batch built from the current
-       cluster of each sample, looked up by its dataset index.
+       cluster of each sample, looked up by its dataset index. Under DDP the triplets come from
+       the global batch (the features of all ranks gathered) and the negatives from a generator
+       seeded by the run seed, epoch and batch, so the loss and its gradient are those of one
+       process with the same global batch.
     3. **Forward pass** (after the last batch of the period, before that epoch's validation):
        the features of the whole training split (``compute_on_split``) build a kNN graph and
        ``min(⌈η · n_c⌉, n_c - K)`` pairs of the current clusters are merged with the
@@ -184,6 +190,8 @@ class JULE(ClusteringModule):
             clusters (see :class:`~clusterlight.cluster.agglomerative.Agglomeration`; 0 is the
             paper's one merge at a time).
         temperature: temperature of the softmax giving the confidences.
+        norm: normalisation in the CNN: ``batch`` (the authors'), ``group`` or ``none`` (per-sample
+            normalisations need no synchronised batch statistics under DDP on CPUs).
         optimizer: optimizer factory (the code: SGD, lr 0.01, momentum 0.9, weight decay 5e-5).
         lr_scheduler: optional learning-rate scheduler factory.
     """
@@ -205,6 +213,7 @@ class JULE(ClusteringModule):
         init_on_pixels: bool = True,
         round_fraction: float = 0.1,
         temperature: float = 0.1,
+        norm: str = "batch",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -214,11 +223,12 @@ class JULE(ClusteringModule):
             "k_s": k_s >= 1, "k_c": k_c >= 1, "margin": margin >= 0, "gamma": gamma > 0,
             "num_negatives": num_negatives is None or num_negatives >= 1,
             "round_fraction": 0 <= round_fraction <= 1, "temperature": temperature > 0,
+            "norm": norm in ("batch", "group", "none"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ClusterlightError(f"JULE: invalid {', '.join(bad)} (see `--model.help JULE`)")
-        self.net = JULENet(self.input_shape, conv_channels, feature_dim)
+        self.net = JULENet(self.input_shape, conv_channels, feature_dim, norm)
         self.unfolding_rate = unfolding_rate
         self.epochs_per_period = epochs_per_period
         self.k_s, self.k_c, self.lam = k_s, k_c, lam
@@ -268,8 +278,13 @@ class JULE(ClusteringModule):
             return {}  # nothing left to learn: the step is skipped
         if self._labels.device != index.device:
             self._labels = self._labels.to(index.device)
-        z = self.features(images)
-        return weighted_triplet_loss(z, self._labels[index], self.margin, self.gamma, self.num_negatives)
+        # Triplets and negatives of the global batch (all ranks' batches: under DDP the same as on one
+        # process), drawn from a per-batch generator that is the same on every rank.
+        z, _ = self.gather_batch(self.features(images))
+        labels, _ = self.gather_batch(self._labels[index])
+        loss = weighted_triplet_loss(z, labels, self.margin, self.gamma, self.num_negatives,
+                                     generator=self.batch_generator(batch_idx, "jule_negatives"))
+        return self.gathered_loss(loss)
 
     def on_train_epoch_start(self) -> None:
         if self._finished:  # e.g. resumed after the process ended: nothing to train

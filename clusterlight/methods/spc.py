@@ -49,18 +49,22 @@ from clusterlight.precision import float32_math
 __all__ = ["SPC", "PseudoLabelPrecision", "latent_noise", "pseudo_label_precision"]
 
 
-def latent_noise(z: Tensor, scale: float) -> Tensor:
+def latent_noise(z: Tensor, scale: float, generator: torch.Generator | None = None,
+                 rows: tuple[int, int] | None = None) -> Tensor:
     """The authors' latent noise (``utils.noiseify``): Gaussian noise divided by its maximum, times ``scale``.
 
     ``z`` is ``(B, M, D)``; the maximum is taken per member (over the batch and the latent axis), so
-    each member is noised exactly as it would be on its own. Uses the global torch RNG (seeded by
-    ``seed_everything``), like dropout.
+    each member is noised exactly as it would be on its own. Draws from ``generator`` (default: the
+    global torch RNG). ``rows = (start, total)``: ``z`` is rows ``start ..`` of a batch of ``total``
+    rows; the noise of the whole batch is drawn (and its maximum taken) and ``z``'s rows returned,
+    so that ranks holding parts of one global batch noise it as one process would.
     """
-    if scale == 0 or z.numel() == 0:
+    start, total = (0, z.shape[0]) if rows is None else rows
+    if scale == 0 or z.numel() == 0 or total == 0:
         return torch.zeros_like(z)
-    noise = torch.randn_like(z)
+    noise = torch.randn((total, *z.shape[1:]), generator=generator, device=z.device, dtype=torch.float32)
     peak = noise.amax(dim=(0, 2), keepdim=True).clamp_min(1e-3)
-    return noise / peak * scale
+    return (noise[start:start + z.shape[0]] / peak * scale).to(z.dtype)
 
 
 class SPC(ClusteringModule):
@@ -234,27 +238,40 @@ class SPC(ClusteringModule):
 
     # ------------------------------------------------------------------ hooks
     def fit_step(self, images: Tensor, index: Tensor, batch_idx: int) -> Tensor:
+        # Under DDP the noise, the agreed counts and the means are those of the global batch (all
+        # ranks' batches), so the loss and its gradient are the one-process ones (see
+        # ClusteringModule.gather_batch); the noise comes from a per-batch generator, the same on
+        # every rank.
         z = self.latents(images)
-        recon = self.ensemble.decode(z + latent_noise(z, self.noise))
+        gathered_index, start = self.gather_batch(index)
+        noise = latent_noise(z, self.noise, self.batch_generator(batch_idx, "spc_recon"),
+                             (start, gathered_index.shape[0]))
+        recon = self.ensemble.decode(z + noise)
         rl = self._l1(recon, images)  # (B, M)
         if self.pseudo_labels is None:
             return rl.mean(dim=0).sum() + self._head_params_zero()
         self._state_to(images.device)
         mask = self.agreed_mask[index]
-        if not bool(mask.any()):
+        global_mask = self.agreed_mask[gathered_index]
+        n_agreed, n_rest = int(global_mask.sum()), int((~global_mask).sum())
+        if n_agreed == 0:
             return rl.mean(dim=0).sum() + self._head_params_zero()
+        # this rank's share of a mean over the global batch: DDP averages the ranks' gradients
+        scale = float(self.trainer.world_size if self._trainer is not None else 1)
         target = self.pseudo_labels[index][mask]
         zm = z[mask]
-        logits = self.heads(zm + latent_noise(zm, self.noise))  # (Bm, M, K)
+        head_noise = latent_noise(zm, self.noise, self.batch_generator(batch_idx, "spc_heads"),
+                                  (int(global_mask[:start].sum()), n_agreed))
+        logits = self.heads(zm + head_noise)  # (Bm, M, K)
         # mean over the agreed samples for each member, summed over members
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), target.repeat_interleave(self.num_members)) \
-            * self.num_members
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), target.repeat_interleave(self.num_members),
+                             reduction="sum") * (scale / n_agreed)
         recon_loss = rl.mean(dim=0).sum()
-        if not bool(mask.all()):
-            recon_loss = recon_loss + rl[~mask].mean(dim=0).sum()
+        if n_rest > 0:
+            recon_loss = recon_loss + rl[~mask].sum() * (scale / n_rest)
         self.heads_trained.fill_(True)  # no host sync: a device-side fill
         self.log("train/head_ce", ce.detach() / self.num_members, on_step=False, on_epoch=True,
-                 batch_size=images.shape[0])
+                 batch_size=images.shape[0], sync_dist=True)
         return ce + recon_loss
 
     def eval_loss(self, images: Tensor, index: Tensor) -> Tensor:

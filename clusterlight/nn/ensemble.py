@@ -120,7 +120,7 @@ class EnsembleConvAutoencoder(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` to latents ``(B, M, latent_dim)``."""
         h = self.enc_features(x)
-        return self.enc_fc(h.reshape(x.shape[0], self.members, -1))
+        return self.enc_fc(h.reshape(x.shape[0], self.members, math.prod(h.shape[1:]) // self.members))  # B may be 0
 
     def decode(self, z: Tensor) -> Tensor:
         """Latents ``(B, M, latent_dim)`` to images ``(B, M, C, H, W)`` in [0, 1]."""
