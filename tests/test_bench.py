@@ -61,7 +61,8 @@ def test_corrupt_results_file_is_a_clear_error(tmp_path) -> None:
 def test_grid_appends_one_record_per_run_and_resumes(tmp_path, monkeypatch) -> None:
     # A tiny budget for the shipped digits config; the runs are real `fit` processes.
     monkeypatch.setitem(bench.FAST["ae_kmeans"], "digits",
-                        ["--trainer.max_epochs=1", "--data.init_args.max_samples=300", "--model.init_args.kmeans_n_init=1"])
+                        ["--trainer.max_epochs=1", "--data.init_args.max_samples=300", "--data.init_args.batch_size=32",
+                         "--model.init_args.kmeans_n_init=1"])
     out = tmp_path / "records.jsonl"
     argv = ["run", "--methods", "ae_kmeans", "--datasets", "digits", "--splits", "balanced", "lt10_ood",
             "--seeds", "0", "--out", str(out), "--runs", str(tmp_path / "runs")]
