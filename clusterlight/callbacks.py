@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from clusterlight.errors import ClusterlightError
 
@@ -39,8 +40,9 @@ def run_dir(trainer: Trainer) -> str:
             path = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), str(logger.version))
         elif logger is not None and getattr(logger, "log_dir", None):
             path = str(logger.log_dir)
-        else:
-            path = os.path.join(trainer.default_root_dir, "runs", time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+        else:  # a resumed fit continues in the folder of the run it resumes (clusterlight.resume)
+            path = getattr(trainer, "_clusterlight_resume_dir", None) or os.path.join(
+                trainer.default_root_dir, "runs", time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
     path = trainer.strategy.broadcast(path)
     trainer._clusterlight_run_dir = path  # type: ignore[attr-defined]
     if trainer.logger is None:
@@ -49,6 +51,43 @@ def run_dir(trainer: Trainer) -> str:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = os.path.join(path, "checkpoints")
     return path
+
+
+class ClusteringCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, plus a ``last`` checkpoint for resuming interrupted fits.
+
+    - On SIGTERM (a scheduler's pre-emption, ``kill``, ``scancel``) Lightning finishes the running
+      training batch and stops; this callback then writes the whole training state to the
+      ``last`` checkpoint, mid-epoch, and ``fit --ckpt_path last`` continues from the next batch.
+    - Against a hard kill (SIGKILL, a lost node) ``last_every_n_batches`` also writes ``last``
+      every so many training batches, besides the per-validation checkpoints; a resumed fit then
+      trains the batches after it again, with the same result.
+
+    Args:
+        last_every_n_batches: also save ``last`` after every this many training batches (0: only
+            at validations and on SIGTERM). Needs ``save_last``.
+        **kwargs: the arguments of Lightning's ``ModelCheckpoint``.
+    """
+
+    def __init__(self, *args: Any, last_every_n_batches: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if last_every_n_batches < 0:
+            raise ClusterlightError(f"checkpoint.last_every_n_batches must be >= 0, got {last_every_n_batches}")
+        if last_every_n_batches and not self.save_last:
+            raise ClusterlightError("checkpoint.last_every_n_batches needs checkpoint.save_last: true")
+        self.last_every_n_batches = int(last_every_n_batches)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        n = self.last_every_n_batches
+        if n and (trainer.fit_loop.total_batch_idx + 1) % n == 0 and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.save_last:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            rank_zero_info(f"clusterlight: stopped by SIGTERM at global step {trainer.global_step}; saved "
+                           f"{self.last_model_path} (resume with: fit ... --ckpt_path last)")
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -64,8 +103,12 @@ class SaveRunConfig(SaveConfigCallback):
         directory = run_dir(trainer)
         if trainer.is_global_zero:
             os.makedirs(directory, exist_ok=True)
-            self.parser.save(self.config, os.path.join(directory, self.config_filename), skip_none=False,
-                             overwrite=True, multifile=self.multifile)
+            path = os.path.join(directory, self.config_filename)
+            if stage == "fit" and self.config.get("ckpt_path") and os.path.exists(path):
+                # a resumed fit keeps the interrupted run's config and adds its own beside it
+                stem, ext = os.path.splitext(self.config_filename)
+                path = os.path.join(directory, f"{stem}.resumed-{time.strftime('%Y%m%d-%H%M%S')}{ext}")
+            self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 

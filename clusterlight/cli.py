@@ -19,15 +19,18 @@ import sys
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import clusterlight.data  # noqa: F401  (registers the DataModules for short names)
 import clusterlight.methods  # noqa: F401  (registers the methods for short names)
-from clusterlight.callbacks import ClusteringFigures, CollapseMonitor, PredictionWriter, SaveRunConfig
+from clusterlight.callbacks import (ClusteringCheckpoint, ClusteringFigures, CollapseMonitor, PredictionWriter,
+                                   SaveRunConfig)
 from clusterlight.data import ClusteringDataModule
 from clusterlight.errors import ClusterlightError
 from clusterlight.methods.base import ClusteringModule
+from clusterlight.resume import check_resume, find_last_checkpoint, run_location
 
 #: Trainer settings used unless a config or the command line says otherwise.
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -54,7 +57,7 @@ class ClusterlightCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_clusters", "model.init_args.num_clusters", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ClusteringCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/loss",
             "checkpoint.mode": "min",
@@ -74,7 +77,34 @@ class ClusterlightCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         return None if ckpt in (None, "last", "best", "hpc", "registry") else str(ckpt)
 
+    def _resolve_last(self) -> None:
+        """``fit --ckpt_path last``: the newest ``last`` checkpoint of an earlier run of this method on
+        the same data (see :mod:`clusterlight.resume`); the fit continues in that run's folder."""
+        self._resume_dir = None
+        if self.config.get("subcommand") != "fit" or self.config.fit.get("ckpt_path") != "last":
+            return
+        cfg = self.config.fit
+        if cfg.checkpoint.get("dirpath"):
+            return  # a fixed checkpoint folder: Lightning finds last.ckpt there itself
+        location = run_location(cfg.trainer)
+        if location is None:
+            return
+        method = str(cfg.model.class_path).rsplit(".", 1)[-1]
+        found = find_last_checkpoint(location, method, str(cfg.data.class_path), cfg.data.init_args)
+        if found is None:
+            rank_zero_info(f"clusterlight: --ckpt_path last: no earlier {method} run on these data settings has a last "
+                           f"checkpoint under {location.root}; starting a new run")
+            cfg.ckpt_path = None
+            return
+        run_folder = os.path.dirname(os.path.dirname(found))
+        if location.key is not None and location.version is None:
+            cfg.trainer.logger.init_args[location.key] = os.path.basename(run_folder)  # same run folder (and W&B id)
+        self._resume_dir = run_folder
+        cfg.ckpt_path = found
+        rank_zero_info(f"clusterlight: resuming {found}")
+
     def _parse_ckpt_path(self) -> None:
+        self._resolve_last()
         # LightningCLI replaces the model's arguments, and its class, with the checkpoint's
         # hyperparameters. A checkpoint of another method would silently swap the method:
         # refuse it instead, before anything is instantiated.
@@ -96,6 +126,9 @@ class ClusterlightCLI(LightningCLI):
                     f"ckpt_path {ckpt} was written by method {info['method']}, but the model is "
                     f"{wanted.rsplit('.', 1)[-1]}: use --model {info['method']}"
                 )
+            if self.config.subcommand == "fit":
+                check_resume(ckpt, self.config.fit.get("seed_everything"),
+                             (self.config.fit.data.get("init_args") or {}).get("batch_size"))
         super()._parse_ckpt_path()
 
     def _preflight(self) -> None:
@@ -106,6 +139,8 @@ class ClusterlightCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._preflight()
+        if getattr(self, "_resume_dir", None):
+            self.trainer._clusterlight_resume_dir = self._resume_dir  # type: ignore[attr-defined]
 
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit"):
@@ -179,6 +214,9 @@ def cli_entry() -> None:
     except ClusterlightError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:  # Lightning stopped the fit after a batch; ClusteringCheckpoint saved last.ckpt
+        print("clusterlight: stopped by SIGTERM; continue with the same command and --ckpt_path last", file=sys.stderr)
+        raise SystemExit(128 + 15) from None
 
 
 if __name__ == "__main__":

@@ -163,6 +163,17 @@ class GlobalBatchSampler(DistributedSampler):
         last = 0 if drop_last or self.remainder == 0 else -(-self.remainder // num_replicas)
         self.num_samples = self.num_full_batches * self.local_batch_size + last
         self.total_size = self.num_samples * num_replicas
+        self.num_batches = self.num_full_batches + (1 if last else 0)
+        self._resume: tuple[int, int] | None = None
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Continue an interrupted epoch: the next iteration is epoch ``epoch`` without its first
+        ``batches_done`` global batches (once; later epochs are whole). An epoch whose batches were
+        all done continues with the next epoch."""
+        if batches_done >= self.num_batches:
+            epoch, batches_done = epoch + 1, 0
+        self.set_epoch(int(epoch))
+        self._resume = (int(epoch), int(batches_done))
 
     def __len__(self) -> int:
         return self.num_samples
@@ -191,7 +202,48 @@ class GlobalBatchSampler(DistributedSampler):
             chunk = -(-self.remainder // self.num_replicas)
             tail = perm[self.num_full_batches * big:][r * chunk:(r + 1) * chunk].tolist()
             mine += tail + perm[:chunk - len(tail)].tolist()  # pad a short chunk with the epoch's first samples
+        if self._resume is not None:
+            epoch, done = self._resume
+            self._resume = None
+            if epoch == self.epoch:  # batches are contiguous runs of local_batch_size in ``mine``
+                mine = mine[done * small:]
         return iter(mine)
+
+
+class TrainLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch.
+
+    Lightning stores :meth:`state_dict` in every checkpoint (``loops.fit_loop.state_dict.combined_loader``)
+    and, when fitting resumes from one, calls :meth:`load_state_dict` before it iterates: the
+    :class:`GlobalBatchSampler` then continues the interrupted epoch's permutation after its last
+    finished batch, so a resumed run sees the batches that the uninterrupted run would have seen.
+
+    Args:
+        progress: returns ``(epoch, batches finished in it)`` of the running fit (read when a
+            checkpoint is saved).
+    """
+
+    def __init__(self, *args: Any, progress: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self.sampler
+        epoch, done = self._progress() if self._progress is not None else (int(sampler.epoch), 0)
+        return {"epoch": int(epoch), "batches_done": int(done), "num_batches": int(sampler.num_batches),
+                "global_batch_size": int(sampler.global_batch_size), "num_samples": int(sampler.length)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler = self.sampler
+        if not state:
+            return
+        same = (state.get("global_batch_size"), state.get("num_samples")) == (sampler.global_batch_size, sampler.length)
+        if not same:
+            raise ClusterlightError(
+                f"the checkpoint's training order has global batch size {state.get('global_batch_size')} over "
+                f"{state.get('num_samples')} samples, this run {sampler.global_batch_size} over {sampler.length}: "
+                "resume with the data settings of the interrupted run")
+        sampler.resume(state["epoch"], state["batches_done"])
 
 
 class ShardedSequentialSampler(Sampler[int]):
@@ -715,8 +767,8 @@ class ClusteringDataModule(pl.LightningDataModule):
         return -(-self.batch_size // self._world()[0])
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None,
-                sampler: Sampler | None = None) -> DataLoader:
-        return DataLoader(
+                sampler: Sampler | None = None, loader_cls: type[DataLoader] = DataLoader, **extra: Any) -> DataLoader:
+        return loader_cls(
             dataset,
             batch_size=batch_size or self._local_batch_size(),
             shuffle=shuffle if sampler is None else False,
@@ -725,6 +777,7 @@ class ClusteringDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=False,
             persistent_workers=self.num_workers > 0,
+            **extra,
         )
 
     def train_sampler(self) -> GlobalBatchSampler:
@@ -743,7 +796,13 @@ class ClusteringDataModule(pl.LightningDataModule):
         """Shuffled batches of the training split (see :class:`GlobalBatchSampler`); per process
         ``batch_size / W`` samples."""
         sampler = self.train_sampler()
-        return self._loader(self.train_dataset, shuffle=False, batch_size=sampler.local_batch_size, sampler=sampler)
+        return self._loader(self.train_dataset, shuffle=False, batch_size=sampler.local_batch_size, sampler=sampler,
+                            loader_cls=TrainLoader, progress=self._fit_progress)
+
+    def _fit_progress(self) -> tuple[int, int]:
+        """``(epoch, training batches finished in it)`` of the attached trainer's fit."""
+        loop = self.trainer.fit_loop
+        return int(loop.epoch_progress.current.processed), int(loop.epoch_loop.batch_progress.current.processed)
 
     def val_dataloader(self) -> DataLoader:
         """Batches of the validation split (in-distribution + OOD), in order."""

@@ -258,7 +258,8 @@ class ClusteringModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["clusterlight"] = {"method": type(self).__name__, "version": __version__}
+        # The seed fixes the training order and the per-batch draws: a resumed fit must keep it.
+        checkpoint["clusterlight"] = {"method": type(self).__name__, "version": __version__, "seed": run_seed(0)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_method(checkpoint, type(self))
