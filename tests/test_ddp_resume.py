@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from clusterlight.data import ClusteringDataModule
 from clusterlight.methods import JULE, SPC, AEKMeans, DebiasedClustering, OnlineHardClustering
-from tests.ddp_equivalence import PROCESS_GROUP_TIMEOUT, RecordFit
+from tests.ddp_equivalence import PROCESS_GROUP_TIMEOUT, RecordFit, assert_ranks_identical
 
 pytestmark = pytest.mark.ddp
 
@@ -74,6 +74,7 @@ def test_two_process_resume_from_mid_epoch_checkpoint(tmp_path: Path, method: st
     loader = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert loader["epoch"] == 1 and 0 < loader["batches_done"] < loader["num_batches"]  # mid second epoch
     resumed = _fit(method, tmp_path / "resumed", callbacks=[], ckpt_path=str(ckpt))
+    assert_ranks_identical(full)  # rank 0's clustering steps (UMAP, k-means, merges) were broadcast
     for rank in range(2):
         a, b = full[rank], resumed[rank]
         assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
