@@ -255,6 +255,12 @@ def test_grad_scaler_with_manual_optimisation(tmp_path: Path) -> None:
     per_epoch = len(cli.datamodule.train_dataset) // cli.datamodule.batch_size
     assert per_epoch >= 2 and trainer.num_training_batches == per_epoch
     assert len(norms) == per_epoch + 2 * per_epoch * 2
-    assert all(abs(n - clip) <= 1e-3 * clip for n in norms), norms
+    # a step whose fp16 gradients overflowed reaches the hook with a non-finite norm; the scaler then
+    # skips it and halves its scale (a few such steps at the start are normal GradScaler behaviour)
+    finite = [n for n in norms if math.isfinite(n)]
+    assert len(norms) - len(finite) <= 2, norms
+    assert all(abs(n - clip) <= 1e-3 * clip for n in finite), norms
     assert scaler._scale is not None  # the scaler was in use (it is created lazily at the first scale)
+    if len(finite) < len(norms):
+        assert scaler.get_scale() < 2.0**12
     assert math.isfinite(float(trainer.callback_metrics["train/loss_epoch"]))
