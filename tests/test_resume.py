@@ -1,5 +1,5 @@
 """Exact resume: a fit stopped mid-epoch and resumed with ``fit --ckpt_path last`` ends as the
-uninterrupted fit at the same seed, for every method.
+uninterrupted fit at the same seed, for every method (the crash variant of most methods is marked ``slow``).
 
 Each method (``METHOD_ARGS``) is fitted three times on the same small split, through the real
 entry point (:func:`clusterlight.cli.main`):
@@ -131,7 +131,13 @@ def test_sigterm_mid_epoch_then_resume(tmp_path: Path, tmp_path_factory, referen
     _assert_same_end(reference, resumed, method)
 
 
-@pytest.mark.parametrize("method", sorted(CASES))
+#: the crash variant of every case runs with ``-m slow``; these two (two optimizers and schedulers,
+#: agglomeration state) in the default suite
+CRASH_DEFAULT = ("DebiasedClustering-steplr", "JULE")
+
+
+@pytest.mark.parametrize("method", [m if m in CRASH_DEFAULT else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in sorted(CASES)])
 def test_crash_after_periodic_checkpoint_then_resume(tmp_path: Path, tmp_path_factory, references: dict,
                                                      method: str) -> None:
     reference = _reference(references, tmp_path_factory, method)
