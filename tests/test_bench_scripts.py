@@ -1,0 +1,151 @@
+"""Smallest modes of the benchmark scripts (``scripts/bench_throughput.py``, ``scripts/bench_scaling.py``).
+
+Not benchmarks: they check that the scripts run, write the documented JSON records and render
+their reports, and -- independently of the scripts -- that the Lightning run and the plain loop
+of the throughput benchmark train the same network on the same batch: both record the step-1
+loss that this test computes itself from a freshly seeded AEKMeans and the DataModule's first
+training batch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+
+
+def _run(script: str, *args: str, timeout: float = 600) -> str:
+    proc = subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _step1_loss_by_hand(monkeypatch: pytest.MonkeyPatch) -> float:
+    """AEKMeans's reconstruction loss on the first training batch of USPS, computed here."""
+    from clusterlight.data import ClusteringDataModule
+    from clusterlight.methods import AEKMeans
+
+    cfg = yaml.safe_load((REPO / "configs" / "ae_kmeans" / "usps.yaml").read_text())
+    args = cfg["model"]["init_args"]
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # what seed_everything(0) sets: the training order's seed
+    dm = ClusteringDataModule(dataset="usps", batch_size=cfg["data"]["init_args"]["batch_size"], seed=0)
+    dm.setup("fit")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # seed_everything(0) before the model, as in both kinds of benchmark run
+        model = AEKMeans(num_clusters=dm.num_clusters, input_shape=dm.input_shape, latent_dim=args["latent_dim"],
+                         widths=args["widths"], kmeans_n_init=args["kmeans_n_init"])
+    batch = next(iter(dm.train_dataloader()))  # epoch 0 of the global-batch sampler
+    model.train()
+    with torch.no_grad():
+        _, recon = model.autoencoder(batch["image"])
+        return float(F.mse_loss(recon.float(), batch["image"].float()))
+
+
+def test_throughput_smallest_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "throughput.jsonl"
+    _run("bench_throughput.py", "--methods", "AEKMeans", "--steps", "5", "--warmup", "2", "--reps", "1",
+         "--out", str(out))
+    (rec,) = _records(out)
+    for key in ("method", "dataset", "batch_size", "steps", "images_per_s_lightning", "images_per_s_plain",
+                "ratio", "overhead_pct", "ratio_cpu", "overhead_pct_cpu", "peak_rss_mb_lightning",
+                "peak_rss_mb_plain", "train_peak_over_base_mb_lightning", "train_peak_over_base_mb_plain",
+                "torch_threads", "first_losses_lightning", "first_losses_plain", "losses_match", "phase"):
+        assert key in rec, key
+    assert rec["method"] == "AEKMeans" and rec["dataset"] == "usps" and rec["steps"] == 5
+    assert rec["batch_size"] == 256  # from configs/ae_kmeans/usps.yaml
+    assert rec["images_per_s_lightning"] > 0 and rec["images_per_s_plain"] > 0
+    assert rec["ratio"] == pytest.approx(rec["images_per_s_lightning"] / rec["images_per_s_plain"], rel=1e-3)
+    assert rec["overhead_pct"] == pytest.approx(100 * (1 / rec["ratio"] - 1), abs=0.02)
+    assert rec["peak_rss_mb_lightning"] > 0 and rec["peak_rss_mb_plain"] > 0
+    assert rec["torch_threads"] == 1 and rec["torch_threads_plain"] == 1
+
+    # The same network on the same batch: both loops' step-1 loss is the one computed here.
+    expected = _step1_loss_by_hand(monkeypatch)
+    assert rec["first_losses_lightning"][0] == pytest.approx(expected, rel=1e-6)
+    assert rec["first_losses_plain"][0] == pytest.approx(expected, rel=1e-6)
+    assert rec["losses_match"] and rec["first_losses_lightning"] == rec["first_losses_plain"]
+
+    table = _run("bench_throughput.py", "--report", "--out", str(out))
+    assert table.startswith("| method | dataset |") and "| AEKMeans | usps | 256 | 5 x 1 |" in table
+
+
+@pytest.mark.slow
+def test_throughput_probe_mode(tmp_path: Path) -> None:
+    out = tmp_path / "probe.jsonl"
+    _run("bench_throughput.py", "--probe", "--diagnose", "--methods", "JULE", "--steps", "3", "--chunks", "2",
+         "--probe_out", str(out))
+    (rec,) = _records(out)
+    assert rec["mode"] == "probe" and rec["method"] == "JULE" and rec["chunks"] == 2
+    for key in ("step_ms_lightning", "step_ms_plain", "step_ms_lightning_nolog", "overhead_pct", "overhead_pct_cpu",
+                "overhead_pct_nolog", "extra_ms_per_step"):
+        assert key in rec, key
+    assert len(rec["overhead_pct_chunks"]) == 2
+
+
+@pytest.mark.slow
+def test_scaling_smallest_mode(tmp_path: Path) -> None:
+    out = tmp_path / "scaling.jsonl"
+    components = ["kmeans_ae", "dec_target", "stats_pool", "spc_clusterers"]
+    _run("bench_scaling.py", "--sizes", "2000", "--components", *components, "--repeat", "1", "--out", str(out))
+    recs = {r["component"]: r for r in _records(out)}
+    assert sorted(recs) == sorted(components)
+    for rec in recs.values():
+        for key in ("n", "dim", "time_s", "peak_rss_mb", "rss_base_mb", "peak_over_base_mb", "threads"):
+            assert key in rec, (rec["component"], key)
+        assert rec["n"] == 2000 and rec["threads"] == 1 and rec["time_s"] >= 0
+        assert rec["peak_rss_mb"] >= rec["rss_base_mb"] > 0
+    # dimensions of the methods' default configs
+    def config(folder: str) -> dict:
+        return yaml.safe_load((REPO / "configs" / folder / "usps.yaml").read_text())["model"]["init_args"]
+
+    assert recs["kmeans_ae"]["dim"] == config("ae_kmeans")["latent_dim"]
+    assert recs["dec_target"]["dim"] == config("dec")["latent_dim"]
+    assert recs["stats_pool"]["dim"] == config("debiased")["latent_dim"]
+    assert recs["stats_pool"]["cluster_dim"] == config("debiased")["cluster_dim"]
+    assert recs["kmeans_ae"]["params"] == {"n_init": config("ae_kmeans")["kmeans_n_init"], "max_iter": 300}
+    assert recs["spc_clusterers"]["params"]["min_cluster_size"] == 2000 // 20  # N // (2K)
+    assert recs["kmeans_ae"]["nmi"] > 0.9 and recs["spc_clusterers"]["nmi"] > 0.9  # separated mixtures
+    assert recs["dec_target"]["target_rows_sum_to_1"]
+
+    table = _run("bench_scaling.py", "--report", "--out", str(out))
+    assert table.startswith("| step | N |")
+    for comp in components:
+        assert f"| {comp} | 2,000 |" in table
+
+    # a process past --timeout is stopped and recorded as unfinished, not dropped
+    _run("bench_scaling.py", "--sizes", "200000", "--components", "spc_clusterers", "--timeout", "2",
+         "--out", str(out))
+    last = _records(out)[-1]
+    assert last["timed_out"] and last["time_s"] is None and last["n"] == 200_000
+    assert "| spc_clusterers | 200,000 |  | > " in _run("bench_scaling.py", "--report", "--out", str(out))
+
+
+@pytest.mark.slow
+def test_scaling_umap_steps(tmp_path: Path) -> None:
+    """SPC's UMAP + HDBSCAN labelling and the flagship's UMAP initialisation (numba compiles UMAP
+    first in each process: a minute or two each)."""
+    out = tmp_path / "scaling.jsonl"
+    _run("bench_scaling.py", "--sizes", "5000", "--components", "spc_labelling", "debiased_init", "--spc_gmm",
+         "--out", str(out))
+    spc, debiased = _records(out)
+    assert not spc.get("timed_out") and not debiased.get("timed_out")
+    assert spc["params"]["n_neighbors"] == 10  # max(umap_min_neighbors 10, 30 * 5000 // 70000)
+    assert spc["params"]["min_cluster_size"] == 250 and spc["params"]["min_samples"] == 10
+    assert spc["umap_s"] > 0 and spc["hdbscan_s"] >= 0 and spc["gmm_s"] >= 0 and spc["compile_s"] > 0
+    assert spc["nmi"] > 0.9
+    assert debiased["params"]["manifold"] == "umap" and debiased["umap_s"] > 0 and debiased["distill_s"] > 0
+    assert debiased["nmi"] > 0.9
