@@ -206,3 +206,16 @@ def test_resume_continues_the_wandb_run(tmp_path: Path) -> None:
     assert resumed.trainer.logger.version == run.name  # the same W&B run id, hence the same run folder
     assert resumed.trainer.ckpt_path == str(run / "checkpoints" / "last.ckpt")
     assert [p.name for p in (tmp_path / "runs" / "clusterlight").iterdir()] == [run.name]
+
+
+def test_resume_from_an_end_of_epoch_checkpoint(tmp_path: Path, tmp_path_factory, references: dict) -> None:
+    """The common case: the per-validation checkpoint of the first epoch (not ``last``)."""
+    reference = _reference(references, tmp_path_factory, "AEKMeans")
+    with pytest.raises(SIGTERMException):
+        main(_args(tmp_path, "AEKMeans", "--checkpoint.save_top_k=-1", "--trainer.callbacks+=tests.test_resume.StopAt",
+                   f"--trainer.callbacks.step={_batches_per_epoch(reference) + 2}"))
+    (first,) = glob.glob(str(_only_run_folder(tmp_path) / "checkpoints" / "epoch=0-*.ckpt"))
+    loader_state = torch.load(first, map_location="cpu", weights_only=True)["loops"]["fit_loop"]["state_dict"]
+    assert loader_state["combined_loader"][0]["batches_done"] == _batches_per_epoch(reference)  # a whole epoch
+    resumed = main(_args(tmp_path, "AEKMeans", f"--ckpt_path={first}"))
+    _assert_same_end(reference, resumed, "AEKMeans")
