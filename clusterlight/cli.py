@@ -98,7 +98,8 @@ class ClusterlightCLI(LightningCLI):
             return
         run_folder = os.path.dirname(os.path.dirname(found))
         if location.key is not None and location.version is None:
-            cfg.trainer.logger.init_args[location.key] = os.path.basename(run_folder)  # same run folder (and W&B id)
+            logger = cfg.trainer.logger[0] if isinstance(cfg.trainer.logger, list) else cfg.trainer.logger
+            logger.init_args[location.key] = os.path.basename(run_folder)  # same run folder (and W&B id)
         self._resume_dir = run_folder
         cfg.ckpt_path = found
         rank_zero_info(f"clusterlight: resuming {found}")
