@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.spatial.distance import mahalanobis
 from scipy.stats import multivariate_normal
 from sklearn.metrics import roc_auc_score
 
@@ -57,6 +58,51 @@ def test_spb_running_statistics_are_those_of_the_weighted_pooled_data() -> None:
     np.testing.assert_allclose(var.numpy(), sums[2] / sums[0][:, None] - ref_mean ** 2, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(n.numpy(), sums[0], rtol=1e-5)
     np.testing.assert_allclose(spb.prior().numpy(), sums[0] / sums[0].sum(), rtol=1e-5)
+
+
+def test_spb_full_covariance_matches_numpy_weighted_cov() -> None:
+    """Running full covariances (momentum, soft weights) against numpy's weighted covariance."""
+    rng = np.random.default_rng(5)
+    m, k, d = 0.6, 3, 4
+    spb = StatisticsPooling(k, d, momentum=m, min_var=0.0, full_covariance=True)
+    mix = rng.normal(size=(d, d))
+    batches = [(rng.normal(size=(60, d)) @ mix + 1.5, rng.dirichlet(np.ones(k), 60)) for _ in range(3)]
+    for x, w in batches:
+        spb.update(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(w, dtype=torch.float32))
+    # the running sums weigh batch i by (1 - m) m^(last - i) (the first batch by m^(last)): that is
+    # np.cov of the concatenated data with each sample's weight multiplied by its batch's factor
+    factors = [m ** 2, (1 - m) * m, 1 - m]
+    x_all = np.concatenate([x for x, _ in batches])
+    for c in range(k):
+        weights = np.concatenate([f * w[:, c] for f, (_, w) in zip(factors, batches)])
+        ref = np.cov(x_all, rowvar=False, aweights=weights, bias=True)
+        np.testing.assert_allclose(spb.covariance().numpy()[c], ref, rtol=1e-3, atol=1e-4)
+        shrunk = spb.covariance(shrinkage=0.25).numpy()[c]
+        np.testing.assert_allclose(shrunk, 0.75 * ref + 0.25 * np.trace(ref) / d * np.eye(d), rtol=1e-3, atol=1e-4)
+    with pytest.raises(RuntimeError, match="full_covariance"):
+        StatisticsPooling(k, d).covariance()
+
+
+def test_feature_mahalanobis_ood_score_matches_scipy() -> None:
+    """The default OOD score: smallest full-covariance Mahalanobis distance in R's space, per dimension."""
+    from clusterlight.methods import DebiasedClustering
+
+    rng = np.random.default_rng(6)
+    model = DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), latent_dim=5, widths=[8, 8],
+                               ood_shrinkage=0.1)
+    x = rng.normal(size=(120, 5)) * rng.uniform(0.5, 2.0, 5)
+    w = np.eye(3)[rng.integers(0, 3, 120)]
+    model.spb_ood.reset_from(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(w, dtype=torch.float32))
+    z = rng.normal(size=(9, 5)) * 2
+    got = model._feature_mahalanobis(torch.as_tensor(z, dtype=torch.float32)).numpy()
+    dists = []
+    for c in range(3):
+        pts = x[w[:, c] == 1]
+        cov = np.cov(pts, rowvar=False, bias=True)
+        cov = 0.9 * cov + 0.1 * np.trace(cov) / 5 * np.eye(5) + model.spb_ood.min_var * np.eye(5)
+        inv = np.linalg.inv(cov)
+        dists.append([mahalanobis(v, pts.mean(0), inv) ** 2 for v in z])
+    np.testing.assert_allclose(got, np.min(dists, 0) / 5, rtol=1e-3)
 
 
 def test_mixture_posterior_matches_scipy() -> None:

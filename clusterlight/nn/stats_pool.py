@@ -7,7 +7,9 @@ probabilities for soft ones), group ``k`` is summarised by its weighted
 - mean ``mu_k = sum_b w_bk x_b / n_k``,
 - diagonal variance ``var_k = sum_b w_bk (x_b - mu_k)^2 / n_k``,
 
-and the whole batch by the same three with all weights 1. Running estimates across batches are
+and the whole batch by the same three with all weights 1. With ``full_covariance`` the block also
+keeps each group's full covariance ``Sigma_k = sum_b w_bk (x_b - mu_k)(x_b - mu_k)^T / n_k`` (from
+the running sums of outer products ``sum_b w_bk x_b x_b^T``). Running estimates across batches are
 kept as exponentially averaged *sums* (``n``, ``sum x``, ``sum x^2``), so the running mean and
 variance are exactly those of the weighted pooled data (not averages of per-batch means). Under
 DDP the batch sums are all-reduced before the update, so every rank holds the same statistics;
@@ -54,10 +56,11 @@ class StatisticsPooling(nn.Module):
         momentum: weight of the past in the running sums (``0``: only the last batch counts).
         min_var: floor added to variances, so that a tight group never gets a zero variance.
         sync: all-reduce the batch sums across ranks when ``torch.distributed`` is initialised.
+        full_covariance: also keep each group's full ``D x D`` covariance (:meth:`covariance`).
     """
 
     def __init__(self, num_groups: int, dim: int, momentum: float = 0.99, min_var: float = 1e-3,
-                 sync: bool = True) -> None:
+                 sync: bool = True, full_covariance: bool = False) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -68,6 +71,9 @@ class StatisticsPooling(nn.Module):
         self.register_buffer("total_count", torch.zeros(()))
         self.register_buffer("total_sum", torch.zeros(dim))
         self.register_buffer("total_sum_sq", torch.zeros(dim))
+        self.full_covariance = full_covariance
+        if full_covariance:
+            self.register_buffer("sum_outer", torch.zeros(num_groups, dim, dim))
         self.register_buffer("initialised", torch.tensor(False))
 
     def forward(self, x: Tensor, w: Tensor) -> dict[str, Tensor]:
@@ -92,10 +98,13 @@ class StatisticsPooling(nn.Module):
         x, w = x.detach().float(), w.detach().float()
         n, s1, s2 = pooled_moments(x, w)
         k, d = self.num_groups, self.dim
-        flat = torch.cat([n, s1.flatten(), s2.flatten(), n.new_tensor([x.shape[0]]), x.sum(0), (x * x).sum(0)])
+        pieces = [n, s1.flatten(), s2.flatten(), n.new_tensor([x.shape[0]]), x.sum(0), (x * x).sum(0)]
+        if self.full_covariance:
+            pieces.append(self._outer(x, w).flatten())
+        flat = torch.cat(pieces)
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flat)
-        parts = torch.split(flat, [k, k * d, k * d, 1, d, d])
+        parts = torch.split(flat, [k, k * d, k * d, 1, d, d] + ([k * d * d] if self.full_covariance else []))
         self._fold(parts, self.momentum if bool(self.initialised) else 0.0)
 
     @torch.no_grad()
@@ -106,11 +115,20 @@ class StatisticsPooling(nn.Module):
         """
         x, w = x.detach().float(), w.detach().float()
         n, s1, s2 = pooled_moments(x, w)
-        parts = (n, s1.flatten(), s2.flatten(), n.new_tensor([x.shape[0]]), x.sum(0), (x * x).sum(0))
+        parts = [n, s1.flatten(), s2.flatten(), n.new_tensor([x.shape[0]]), x.sum(0), (x * x).sum(0)]
+        if self.full_covariance:
+            parts.append(self._outer(x, w))
         self._fold(parts, 0.0)
 
-    def _fold(self, parts: tuple[Tensor, ...], m: float) -> None:
-        bufs = (self.count, self.sum, self.sum_sq, self.total_count, self.total_sum, self.total_sum_sq)
+    @staticmethod
+    def _outer(x: Tensor, w: Tensor) -> Tensor:
+        """``sum_b w_bk x_b x_b^T`` per group, ``(K, D, D)``, without a ``(B, K, D, D)`` tensor."""
+        return torch.einsum("bk,bi,bj->kij", w, x, x)
+
+    def _fold(self, parts: list[Tensor] | tuple[Tensor, ...], m: float) -> None:
+        bufs = [self.count, self.sum, self.sum_sq, self.total_count, self.total_sum, self.total_sum_sq]
+        if self.full_covariance:
+            bufs.append(self.sum_outer)
         for buf, new in zip(bufs, parts):
             buf.mul_(m).add_((1.0 - m) * new.view_as(buf).to(buf.dtype))
         self.initialised.fill_(True)
@@ -119,6 +137,26 @@ class StatisticsPooling(nn.Module):
         """Running ``(mean (K, D), variance (K, D) + min_var, cardinality (K,))``."""
         mean, var, n = moments_to_stats(self.count, self.sum, self.sum_sq)
         return mean, var + self.min_var, n
+
+    def covariance(self, shrinkage: float = 0.0) -> Tensor:
+        """Running full covariance of each group, ``(K, D, D)`` (needs ``full_covariance``).
+
+        ``shrinkage`` ``s`` blends each covariance with its mean variance:
+        ``(1 - s) Sigma_k + s tr(Sigma_k)/D I``, then ``min_var`` is added to the diagonal (empty
+        groups get the identity). A group with fewer samples than dimensions has a singular
+        ``Sigma_k``; shrinkage makes it invertible.
+        """
+        if not self.full_covariance:
+            raise RuntimeError("covariance() needs StatisticsPooling(full_covariance=True)")
+        n = self.count.clamp_min(1e-6)
+        mean = self.sum / n.unsqueeze(1)
+        cov = self.sum_outer / n.view(-1, 1, 1) - mean.unsqueeze(2) * mean.unsqueeze(1)
+        cov = 0.5 * (cov + cov.transpose(1, 2))
+        eye = torch.eye(self.dim, device=cov.device, dtype=cov.dtype)
+        scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(0.0).view(-1, 1, 1)
+        cov = (1.0 - shrinkage) * cov + shrinkage * scale * eye + self.min_var * eye
+        empty = (self.count <= 1e-6).view(-1, 1, 1)
+        return torch.where(empty, eye.expand_as(cov), cov)
 
     def batch_stats(self) -> tuple[Tensor, Tensor, Tensor]:
         """Running whole-data ``(mean (D,), variance (D,), count ())``."""
