@@ -136,17 +136,34 @@ def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path) -> None:
     ckpt = fit.trainer.checkpoint_callback.last_model_path
     assert bool(fit.model.spb_c.initialised) and float(fit.model.spb_c.count.sum()) > 0
     fresh = main(["test", *common, f"--ckpt_path={ckpt}"])
+    assert bool(fit.model.spb_ood.initialised) and float(fit.model.spb_ood.sum_outer.abs().sum()) > 0
     for name in ("count", "sum", "sum_sq", "total_count", "total_sum", "total_sum_sq"):
         for spb in ("spb_r", "spb_c"):
             a = getattr(getattr(fit.model, spb), name)
             b = getattr(getattr(fresh.model, spb), name)
             assert torch.equal(a, b), f"{spb}.{name}"
+    for name in ("count", "sum", "sum_outer"):
+        assert torch.equal(getattr(fit.model.spb_ood, name), getattr(fresh.model.spb_ood, name)), f"spb_ood.{name}"
     # the untrained model would have empty statistics; the restored one predicts as the fitted one
     x = torch.stack([fit.datamodule.test_dataset[i]["image"] for i in range(64)])
     fit.model.eval()
     fresh.model.eval()
     with torch.no_grad():
-        assert torch.equal(fit.model.cluster_outputs(x).cluster, fresh.model.cluster_outputs(x).cluster)
+        want = fit.model.cluster_outputs(x)
+        got = fresh.model.cluster_outputs(x)
+        assert torch.equal(want.cluster, got.cluster)
+        assert torch.equal(want.ood_score, got.ood_score)
+
+    # a checkpoint written before the OOD statistics existed still loads; they are recomputed
+    # from the training split (same weights, same split: the same scores)
+    old = torch.load(ckpt, map_location="cpu", weights_only=False)
+    old["state_dict"] = {k: v for k, v in old["state_dict"].items() if ".spb_ood." not in k and not k.startswith("spb_ood.")}
+    assert len(old["state_dict"]) < len(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    torch.save(old, tmp_path / "old.ckpt")
+    again = main(["test", *common, f"--ckpt_path={tmp_path / 'old.ckpt'}"])
+    again.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.model.cluster_outputs(x).ood_score, want.ood_score, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -388,6 +388,12 @@ class DebiasedClustering(ClusteringModule):
         saved = state_dict.get(prefix + "manifold_target")
         if saved is not None and saved.shape != self.manifold_target.shape:
             self.manifold_target = self.manifold_target.new_zeros(saved.shape)
+        # checkpoints from before the full-covariance OOD statistics: load them uninitialised (they
+        # are recomputed from the training split before the next evaluation or prediction)
+        ood_keys = [prefix + "spb_ood." + name for name, _ in self.spb_ood.named_buffers()]
+        if not any(key in state_dict for key in ood_keys):
+            for name, buf in self.spb_ood.named_buffers():
+                state_dict[prefix + "spb_ood." + name] = torch.zeros_like(buf)
 
     def _embedding_loss(self, z_c: Tensor, index: Tensor) -> Tensor:
         """Mean squared distance of ``C``'s embeddings to their UMAP targets (0 without ``manifold``)."""
