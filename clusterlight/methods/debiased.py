@@ -235,7 +235,7 @@ class DebiasedClustering(ClusteringModule):
         self.gmm_iters = gmm_iters
         # C's target embedding of every training sample (rows by dataset index), set when clustering starts
         self.register_buffer("manifold_target", torch.zeros(0, cluster_dim))
-        self._register_load_state_dict_pre_hook(self._resize_manifold_target)
+        self._register_load_state_dict_pre_hook(self._adapt_state_dict)
         self.register_buffer("clustering_started", torch.tensor(False))
         self.register_buffer("reject_threshold", torch.tensor(float("inf")))
 
@@ -274,7 +274,7 @@ class DebiasedClustering(ClusteringModule):
     def _feature_mahalanobis(self, z_r: Tensor) -> Tensor:
         """Smallest full-covariance Mahalanobis distance (per dimension) of ``R``'s features to a cluster."""
         z = z_r.float()
-        mean = self.spb_ood.sum / self.spb_ood.count.clamp_min(1e-6).unsqueeze(1)
+        mean = self.spb_ood.stats()[0]
         chol = torch.linalg.cholesky(self.spb_ood.covariance(self.ood_shrinkage))  # (K, D, D)
         diff = (z.unsqueeze(0) - mean.unsqueeze(1)).transpose(1, 2)  # (K, D, B)
         white = torch.linalg.solve_triangular(chol, diff, upper=False)
@@ -294,7 +294,8 @@ class DebiasedClustering(ClusteringModule):
         self.spb_ood.reset_from(z_r, resp)
 
     def _ood_scores(self, z_r: Tensor, z_c: Tensor, log_q: Tensor, maha: Tensor) -> Tensor:
-        if self.ood_score_kind == "full_mahalanobis":
+        # full_mahalanobis before its statistics exist (monitoring during pretraining): the diagonal score
+        if self.ood_score_kind == "full_mahalanobis" and bool(self.spb_ood.initialised):
             return self._feature_mahalanobis(z_r)
         if self.ood_score_kind == "nll":
             mean, var, prior = self._mixture()
@@ -383,7 +384,7 @@ class DebiasedClustering(ClusteringModule):
         if bool(self.clustering_started) and self.reject_quantile is not None:
             self._set_reject_threshold()
 
-    def _resize_manifold_target(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    def _adapt_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         # the target has one row per training sample: take the checkpoint's size before loading it
         saved = state_dict.get(prefix + "manifold_target")
         if saved is not None and saved.shape != self.manifold_target.shape:
@@ -437,7 +438,7 @@ class DebiasedClustering(ClusteringModule):
         z_c = self.compute_on_split(lambda x: self._cluster_space(self.representation.encode(x)))
         self.spb_c.reset_from(z_c, resp)
         if not monitor_only:
-            self._fit_ood_statistics()
+            self._fit_ood_statistics(z_r)  # R is unchanged since z_r was computed
 
     @torch.enable_grad()
     def _distill(self, z_r: Tensor, target: Tensor) -> None:
@@ -488,11 +489,8 @@ class DebiasedClustering(ClusteringModule):
         z_c = self._cluster_space(z_r)
         log_q, maha = self._posterior(z_c)[:2]
         conf, cluster = log_q.exp().max(1)
-        if self.ood_score_kind == "full_mahalanobis" and not bool(self.spb_ood.initialised):
-            score = maha.min(dim=1).values / z_c.shape[1]  # monitoring before clustering starts
-        else:
-            score = self._ood_scores(z_r, z_c, log_q, maha)
-        return ClusterOutput(cluster=cluster, confidence=conf, ood_score=score, embedding=z_c)
+        return ClusterOutput(cluster=cluster, confidence=conf, ood_score=self._ood_scores(z_r, z_c, log_q, maha),
+                             embedding=z_c)
 
     def cluster_outputs(self, images: Tensor) -> ClusterOutput:
         out = self._outputs(images)
