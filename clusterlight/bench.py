@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -140,15 +141,16 @@ def device_name() -> str:
     return f"cpu {platform.machine()} ({len(os.sched_getaffinity(0))} cores)"
 
 
-def run_args(method: str, dataset: str, split: str, seed: int, budget: str, root: Path) -> list[str]:
-    """The ``fit`` arguments of one run."""
+def run_args(method: str, dataset: str, split: str, seed: int, budget: str, root: Path,
+             overrides: list[str] = ()) -> list[str]:
+    """The ``fit`` arguments of one run (``overrides``: ``KEY=VALUE`` options given after the budget's)."""
     config = REPO / "configs" / method / f"{dataset}.yaml"
     if not config.is_file():
         raise SystemExit(f"error: no config {config.relative_to(REPO)} for method {method} on {dataset}")
     split_args = [a.format(last=NUM_CLASSES[dataset] - 1) for a in SPLITS[split]]
     budget_args = FAST[method][dataset] if budget == "fast" else []
     return [
-        "fit", "--config", str(config), *split_args, *budget_args,
+        "fit", "--config", str(config), *split_args, *budget_args, *(f"--{o}" for o in overrides),
         f"--seed_everything={seed}", "--test_after_fit=true", "--trainer.logger=false",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.default_root_dir={root}", "--figures.every_n_epochs=1000",
@@ -163,7 +165,26 @@ def config_hash(args: list[str]) -> str:
 
 
 def key(r: dict[str, Any]) -> tuple:
-    return (r["method"], r["dataset"], r["split"], int(r["seed"]), r["budget"])
+    return (r["method"], r.get("variant", ""), r["dataset"], r["split"], int(r["seed"]), r["budget"])
+
+
+def label(r: dict[str, Any]) -> str:
+    """The method as the report names it: ``method`` or ``method[variant]``."""
+    return f"{r['method']}[{r['variant']}]" if r.get("variant") else r["method"]
+
+
+def check_overrides(overrides: list[str], variant: str) -> None:
+    """One-line errors for overrides that cannot be what the user meant, before any run."""
+    for o in overrides:
+        k, eq, v = o.partition("=")
+        if not eq or not k or k.startswith("-") or k.split(".")[0] not in ("model", "data", "trainer"):
+            raise SystemExit(f"error: --override takes KEY=VALUE with KEY under model., data. or trainer. "
+                             f"(for example model.init_args.sigma=10), got {o!r}")
+    if overrides and not variant:
+        raise SystemExit("error: --override changes the configs: name the variant with --variant, so its records "
+                         "are not mixed with the plain configs'")
+    if variant and not re.fullmatch(r"[A-Za-z0-9_.+-]+", variant):
+        raise SystemExit(f"error: --variant takes letters, digits and _.+- only, got {variant!r}")
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -181,19 +202,31 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 def run_grid(a: argparse.Namespace) -> int:
     out = Path(a.out)
+    check_overrides(a.override, a.variant)
     done = {key(r) for r in read_records(out)}
     grid = [(m, d, s, seed) for d in a.datasets for s in a.splits for m in a.methods for seed in a.seeds]
     for m, d, *_ in grid:  # bad input: one line, before any run
         if not (REPO / "configs" / m / f"{d}.yaml").is_file():
             raise SystemExit(f"error: no config configs/{m}/{d}.yaml for method {m} on {d}")
-    todo = [g for g in grid if (*g, a.budget) not in done]
+    todo = [g for g in grid if (g[0], a.variant, *g[1:], a.budget) not in done]
+    if a.override:  # an unknown or mistyped option: one line now, not a failure per run
+        for m, d in sorted({(g[0], g[1]) for g in todo}):
+            args = run_args(m, d, "balanced", 0, a.budget, Path(a.runs) / "check", a.override)
+            proc = subprocess.run([sys.executable, "-m", "clusterlight", *args, "--print_config"], capture_output=True,
+                                  text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
+            if proc.returncode != 0:
+                lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+                why = [ln for ln in lines if ln.startswith("error:") or "not accepted" in ln] or lines[-1:] or ["?"]
+                raise SystemExit(f"error: --override is refused by configs/{m}/{d}.yaml: "
+                                 + " ".join(w.removeprefix("error: ") for w in why))
     print(f"bench: {len(grid)} runs in the grid, {len(grid) - len(todo)} already in {out}, {len(todo)} to run", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     failures = 0
     t_grid = time.time()
     for i, (m, d, s, seed) in enumerate(todo, 1):
-        root = Path(a.runs) / a.budget / f"{m}-{d}-{s}-seed{seed}"
-        args = run_args(m, d, s, seed, a.budget, root)
+        name = f"{m}-{a.variant}" if a.variant else m
+        root = Path(a.runs) / a.budget / f"{name}-{d}-{s}-seed{seed}"
+        args = run_args(m, d, s, seed, a.budget, root, a.override)
         result = root / "result.json"
         root.mkdir(parents=True, exist_ok=True)
         result.unlink(missing_ok=True)
@@ -204,10 +237,10 @@ def run_grid(a: argparse.Namespace) -> int:
                                   cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
         if proc.returncode != 0 or not result.is_file():
             failures += 1
-            print(f"[{i}/{len(todo)}] {m} {d} {s} seed {seed}: FAILED (exit {proc.returncode}), see {log}", flush=True)
+            print(f"[{i}/{len(todo)}] {name} {d} {s} seed {seed}: FAILED (exit {proc.returncode}), see {log}", flush=True)
             continue
         r = json.loads(result.read_text())
-        record = {"method": m, "dataset": d, "split": s, "seed": seed, "budget": a.budget,
+        record = {"method": m, **({"variant": a.variant} if a.variant else {}), "dataset": d, "split": s, "seed": seed, "budget": a.budget,
                   **{k: r.get(k) for k in METRICS},
                   "train_s": round(r["train_s"], 1), "wall_s": round(r["wall_s"], 1),
                   "peak_rss_mb": round(r["peak_rss_mb"]), "peak_gpu_mb": r["peak_gpu_mb"],
@@ -216,7 +249,7 @@ def run_grid(a: argparse.Namespace) -> int:
                   "args": args[1:]}
         with open(out, "a") as fh:  # one whole line per run: an interrupted grid loses at most the run in flight
             fh.write(json.dumps(record) + "\n")
-        print(f"[{i}/{len(todo)}] {m} {d} {s} seed {seed}: acc {r.get('acc', float('nan')):.3f} "
+        print(f"[{i}/{len(todo)}] {name} {d} {s} seed {seed}: acc {r.get('acc', float('nan')):.3f} "
               f"nmi {r.get('nmi', float('nan')):.3f} train {r['train_s']:.0f}s ({time.time() - t0:.0f}s with startup)",
               flush=True)
     print(f"bench: grid done in {time.time() - t_grid:.0f}s, {failures} failed", flush=True)
@@ -234,7 +267,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     """(budget, dataset, split, method) -> {metric: (mean, std, n)}, plus wall/memory means."""
     cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        cells[(r["budget"], r["dataset"], r["split"], r["method"])].append(r)
+        cells[(r["budget"], r["dataset"], r["split"], label(r))].append(r)
     out = {}
     for cell, rs in cells.items():
         agg: dict[str, Any] = {"n": len(rs)}
@@ -264,7 +297,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
                   "| dataset | split | method | ACC | NMI | NMI (geo) | ARI | tail ACC | cluster KL | OOD AUROC | train s | peak RSS MB | seeds |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         cells = sorted((c for c in agg if c[0] == budget),
-                       key=lambda c: (c[1], list(SPLITS).index(c[2]) if c[2] in SPLITS else 99, order.get(c[3], 99)))
+                       key=lambda c: (c[1], list(SPLITS).index(c[2]) if c[2] in SPLITS else 99,
+                                      order.get(c[3].split("[")[0], 99), c[3]))
         for c in cells:
             a = agg[c]
             lines.append(f"| {c[1]} | {c[2]} | {c[3]} | " + " | ".join(_fmt(a, k) for k in METRICS) +
@@ -379,6 +413,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--out", default="results/bench_fast.jsonl", help="results file (JSON lines)")
     r.add_argument("--runs", default="runs/bench", help="each run's checkpoints, figures and log go under this folder")
+    r.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config option given to every run after the budget's, e.g. model.init_args.assignment=sinkhorn "
+                        "(repeatable; needs --variant)")
+    r.add_argument("--variant", default="", help="name of the overridden configs: records carry it and the report "
+                                                 "shows the method as method[variant]")
     q = sub.add_parser("report", help="render results files as a Markdown table and an imbalance figure")
     q.add_argument("results", nargs="+")
     q.add_argument("--markdown", help="write the table here (default: print it)")

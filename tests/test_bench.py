@@ -112,3 +112,38 @@ def test_report_flags_fast_far_below_paper() -> None:
     assert len(rows) == 6
     assert all("far below" in rows[("usps", s, "dec")] for s in ("balanced", "lt10", "lt100"))
     assert not any("far below" in rows[("usps", s, "jule")] for s in ("balanced", "lt10", "lt100"))
+
+
+def test_override_and_variant_reach_the_run_and_the_report(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(bench.FAST["ae_kmeans"], "digits",
+                        ["--trainer.max_epochs=1", "--data.init_args.max_samples=300", "--data.init_args.batch_size=32",
+                         "--model.init_args.kmeans_n_init=1"])
+    out, runs = tmp_path / "records.jsonl", tmp_path / "runs"
+    base = ["run", "--methods", "ae_kmeans", "--datasets", "digits", "--splits", "balanced", "--seeds", "0",
+            "--out", str(out), "--runs", str(runs)]
+    assert bench.main(base) == 0
+    assert bench.main([*base, "--override", "model.init_args.latent_dim=3", "--variant", "z3"]) == 0
+    plain, variant = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "variant" not in plain and variant["variant"] == "z3"
+    assert "--model.init_args.latent_dim=3" in variant["args"] and plain["config_hash"] != variant["config_hash"]
+    # the run's own saved config has the overridden value (the budget's options still apply)
+    (saved_path,) = (runs / "fast" / "ae_kmeans-z3-digits-balanced-seed0").rglob("config.yaml")
+    saved = saved_path.read_text()
+    assert "latent_dim: 3" in saved and "max_epochs: 1" in saved
+    assert bench.main([*base, "--override", "model.init_args.latent_dim=3", "--variant", "z3"]) == 0  # resumes: no rerun
+    assert len(out.read_text().splitlines()) == 2
+    text = bench.markdown([plain, variant])
+    assert "| digits | balanced | ae_kmeans |" in text and "| digits | balanced | ae_kmeans[z3] |" in text
+
+
+def test_bad_override_is_one_line_before_any_run(tmp_path) -> None:
+    out = tmp_path / "r.jsonl"
+    argv = ["run", "--budget", "paper", "--methods", "ae_kmeans", "--datasets", "digits", "--seeds", "0", "--out", str(out),
+            "--runs", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit, match="name the variant with --variant"):
+        bench.main([*argv, "--override", "model.init_args.latent_dim=3"])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        bench.main([*argv, "--override", "latent_dim", "--variant", "v"])
+    with pytest.raises(SystemExit, match="Option 'nosuch' is not accepted"):
+        bench.main([*argv, "--override", "model.init_args.nosuch=1", "--variant", "v"])
+    assert not out.exists()
