@@ -6,6 +6,7 @@ import datetime
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -177,7 +178,8 @@ def test_bad_options_are_one_line_errors() -> None:
     from clusterlight.methods import OnlineHardClustering
 
     for kwargs, needle in [({"assignment": "sinkhorn", "imbalanced": True}, "imbalanced"),
-                           ({"sigma": 0.0}, "sigma"), ({"prior_momentum": 0.0}, "prior_momentum")]:
+                           ({"sigma": 0.0}, "sigma"), ({"prior_momentum": 0.0}, "prior_momentum"),
+                           ({"embedding_norm": "layer"}, "embedding_norm")]:
         with pytest.raises(ClusterlightError, match=needle):
             OnlineHardClustering(**kwargs)
 
@@ -194,6 +196,33 @@ def test_outputs_of_a_fresh_module() -> None:
     assert torch.allclose(out.ood_score, d.min(1).values, rtol=1e-5)
     assert ((out.confidence >= 0.25) & (out.confidence <= 1)).all()
     assert "cluster_prior" in model.state_dict() and model.log_prior() is None
+
+
+def test_standardised_embeddings() -> None:
+    """``embedding_norm: batch``: each embedding dimension has zero mean and unit variance over a training
+    batch (checked with numpy), the running statistics serve evaluation, and the k-means initialisation's
+    pass over the data leaves them untouched."""
+    from clusterlight.methods import OnlineHardClustering
+
+    torch.manual_seed(0)
+    model = OnlineHardClustering(num_clusters=3, input_shape=(1, 8, 8), latent_dim=5, widths=[8], embedding_norm="batch")
+    x = torch.rand(40, 1, 8, 8) * 3 + 1
+    model.train()
+    z = model.embed(x).detach().numpy()
+    raw = model.encoder(x).detach().numpy()
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(z.var(0), 1, rtol=1e-3)  # population variance, eps 1e-5
+    np.testing.assert_allclose(z, (raw - raw.mean(0)) / np.sqrt(raw.var(0) + 1e-5), rtol=1e-4, atol=1e-5)
+    before = {k: v.clone() for k, v in model.out_norm.state_dict().items()}
+    model.eval()
+    with model._batch_statistics():
+        model._embed_train_mode(x)
+    assert all(torch.equal(v, model.out_norm.state_dict()[k]) for k, v in before.items())
+    assert not model.out_norm.training
+    with torch.no_grad():  # evaluation: the running statistics, not the batch's
+        mean, var = model.out_norm.running_mean, model.out_norm.running_var
+        expect = (model.encoder(x[:3]) - mean) / torch.sqrt(var + 1e-5)
+        assert torch.allclose(model.embed(x[:3]), expect, atol=1e-5)
 
 
 def _fit(tmp_path: Path, *extra: str):

@@ -85,6 +85,12 @@ class OnlineHardClustering(ClusteringModule):
         centroid_init: ``random`` (standard normal, as the reference) or ``kmeans`` (k-means on the
             embeddings of the untrained encoder over the whole training split, at fit start, on
             rank 0 and broadcast).
+        embedding_norm: ``none`` (the reference) or ``batch``: the embeddings are standardised per
+            dimension (batch normalisation without affine parameters; running statistics at
+            evaluation). The loss pulls points towards their centroids and nothing in it stops the
+            encoder from shrinking every embedding towards one point, where the costs no longer
+            separate clusters, training assignments are decided by the size penalty alone and
+            nearest-centroid evaluation collapses; with unit variance per dimension it cannot.
         sinkhorn_epsilon: entropic temperature of the Sinkhorn baseline (reference: 0.5).
         sinkhorn_iters: Sinkhorn-Knopp iterations (reference: 15).
         entropy_weight: weight of the KL-to-uniform term of the entropy baseline.
@@ -109,6 +115,7 @@ class OnlineHardClustering(ClusteringModule):
         prior_warmup_epochs: int = 1,
         global_assignment: bool = False,
         centroid_init: Literal["random", "kmeans"] = "random",
+        embedding_norm: Literal["none", "batch"] = "none",
         sinkhorn_epsilon: float = 0.5,
         sinkhorn_iters: int = 15,
         entropy_weight: float = 1.0,
@@ -134,7 +141,12 @@ class OnlineHardClustering(ClusteringModule):
             raise ClusterlightError("sinkhorn_epsilon must be positive and sinkhorn_iters at least 1")
         if latent_dim < 1:
             raise ClusterlightError(f"latent_dim must be at least 1, got {latent_dim}")
+        if embedding_norm not in ("none", "batch"):
+            raise ClusterlightError(f"embedding_norm must be 'none' or 'batch', got {embedding_norm!r}")
         self.encoder = ConvEncoder(self.input_shape, latent_dim, widths, norm)
+        self.embedding_norm = embedding_norm
+        # Standardised embeddings (no affine): the encoder cannot shrink them towards one point.
+        self.out_norm = nn.BatchNorm1d(latent_dim, affine=False) if embedding_norm == "batch" else nn.Identity()
         self.centroids = nn.Parameter(torch.randn(self.num_clusters, latent_dim))
         self.assignment = assignment
         self.sigma = float(sigma)
@@ -154,7 +166,7 @@ class OnlineHardClustering(ClusteringModule):
 
     # ------------------------------------------------------------------ costs and assignments
     def embed(self, images: Tensor) -> Tensor:
-        return self.encoder(images)
+        return self.out_norm(self.encoder(images))
 
     def costs(self, z: Tensor) -> Tensor:
         """``d(b, c) = ||z_b - mu_c||^2 / sigma``, ``(B, K)`` in float32 (differentiable)."""
@@ -253,15 +265,17 @@ class OnlineHardClustering(ClusteringModule):
     def _embed_train_mode(self, images: Tensor) -> Tensor:
         # Training normalises with batch statistics: fit the centroids to embeddings made the same way.
         self.encoder.train()
+        self.out_norm.train()
         try:
             return self.embed(images)
         finally:
             self.encoder.eval()
+            self.out_norm.eval()
 
     @contextmanager
     def _batch_statistics(self) -> Any:
         """Batch-norm layers use batch statistics but leave their running statistics untouched."""
-        saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in self.encoder.modules()
+        saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in self.modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         for m, _, _ in saved:
             m.momentum = 0.0
