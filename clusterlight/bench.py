@@ -2,14 +2,17 @@
 
     clusterlight bench run --budget fast --out results/bench_fast.jsonl
     clusterlight bench run --budget fast --methods dec jule --datasets usps --splits balanced lt10 --seeds 0 1 2
+    clusterlight bench run --budget paper --methods online_hard --datasets fashion_mnist \
+        --override trainer.max_epochs=10 --override model.init_args.assignment=sinkhorn --variant sinkhorn_10ep
     clusterlight bench report results/bench_fast.jsonl --markdown results/bench_fast.md --figure results/bench_fast.png
 
 (``python -m clusterlight.bench ...`` is the same.) Every run is ``clusterlight fit
 --config configs/<method>/<dataset>.yaml --test_after_fit true`` in a process of its own (so its
 peak memory is its own), with the split's data options, the seed, and for the ``fast`` budget the
-shorter schedule of :data:`FAST`. The ``paper`` budget uses the configs unchanged (the papers'
-schedules). Records are appended to the results file as JSON lines; a run whose key (method,
-dataset, split, seed, budget) is already there is skipped, so an interrupted grid resumes.
+shorter schedule of :data:`FAST`, then the ``--override`` options. The ``paper`` budget uses the
+configs unchanged (the papers' schedules). Records are appended to the results file as JSON lines;
+a run whose key (method, variant, dataset, split, seed, budget) is already there is skipped, so an
+interrupted grid resumes.
 
 Labels are read only by the test metrics, as in every clusterlight run.
 """
