@@ -243,7 +243,8 @@ def run_grid(a: argparse.Namespace) -> int:
             print(f"[{i}/{len(todo)}] {name} {d} {s} seed {seed}: FAILED (exit {proc.returncode}), see {log}", flush=True)
             continue
         r = json.loads(result.read_text())
-        record = {"method": m, **({"variant": a.variant} if a.variant else {}), "dataset": d, "split": s, "seed": seed, "budget": a.budget,
+        record = {"method": m, **({"variant": a.variant} if a.variant else {}),
+                  "dataset": d, "split": s, "seed": seed, "budget": a.budget,
                   **{k: r.get(k) for k in METRICS},
                   "train_s": round(r["train_s"], 1), "wall_s": round(r["wall_s"], 1),
                   "peak_rss_mb": round(r["peak_rss_mb"]), "peak_gpu_mb": r["peak_gpu_mb"],

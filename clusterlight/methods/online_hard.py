@@ -144,7 +144,6 @@ class OnlineHardClustering(ClusteringModule):
         if embedding_norm not in ("none", "batch"):
             raise ClusterlightError(f"embedding_norm must be 'none' or 'batch', got {embedding_norm!r}")
         self.encoder = ConvEncoder(self.input_shape, latent_dim, widths, norm)
-        self.embedding_norm = embedding_norm
         # Standardised embeddings (no affine): the encoder cannot shrink them towards one point.
         self.out_norm = nn.BatchNorm1d(latent_dim, affine=False) if embedding_norm == "batch" else nn.Identity()
         self.centroids = nn.Parameter(torch.randn(self.num_clusters, latent_dim))
