@@ -261,3 +261,62 @@ def test_imbalanced_variant_learns_its_prior_without_labels(tmp_path: Path) -> N
     assert torch.equal(prior, cli.model.cluster_prior)
     log_prior = cli.model.log_prior()  # epoch >= prior_warmup_epochs: in use, 0.5 * log(K pi)
     assert log_prior is not None and torch.allclose(log_prior, 0.5 * (10 * prior).log(), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# neighbour pairs
+
+
+def test_neighbour_pairs_use_the_pixel_space_neighbours(tmp_path: Path) -> None:
+    """The kNN table against scikit-learn's exact search on the training pixels; every paired image
+    is one of its sample's k neighbours; a sample's draw does not depend on the other samples of its
+    batch (so it is the same under any number of processes); the table survives a checkpoint."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from clusterlight.methods import OnlineHardClustering
+
+    k = 4
+    cli = _fit(tmp_path, f"--model.neighbours={k}")
+    model, dm = cli.model, cli.datamodule
+    pixels = dm.train_dataset.images.flatten(1).double().div(255.0).numpy()
+    table = model.neighbour_index
+    assert table.shape == (len(pixels), k)
+    # the same neighbour distances as an exact search (indices may differ only between equal distances)
+    ref_d, _ = NearestNeighbors(n_neighbors=k + 1).fit(pixels).kneighbors(pixels)
+    ours_d = np.linalg.norm(pixels[table.numpy()] - pixels[:, None, :], axis=2)
+    np.testing.assert_allclose(ours_d, ref_d[:, 1:], atol=1e-5)
+    assert not (table == torch.arange(len(pixels))[:, None]).any()
+
+    index = torch.tensor([5, 17, 3, 250, 5])
+    paired = model._neighbour_images(index, batch_idx=7)
+    images = dm.train_dataset.images.float().div(255.0)
+    for row, i in enumerate(index.tolist()):
+        assert any(torch.equal(paired[row], images[j]) for j in table[i].tolist()), i
+    # a sample's neighbour is drawn by its dataset index: the same inside any batch of that step
+    alone = model._neighbour_images(index[1:2], batch_idx=7)
+    assert torch.equal(alone[0], paired[1])
+    # a different step draws afresh: across many samples some neighbour changes
+    everyone = torch.arange(len(pixels))
+    assert not torch.equal(model._neighbour_images(everyone, 7), model._neighbour_images(everyone, 8))
+
+    state = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)["state_dict"]
+    fresh = OnlineHardClustering(num_clusters=10, input_shape=model.input_shape, widths=[16, 32], neighbours=k)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.neighbour_index, table)
+
+
+def test_neighbours_bad_values_are_one_line_errors(tmp_path: Path) -> None:
+    from clusterlight.cli import main
+    from clusterlight.errors import ClusterlightError
+    from clusterlight.methods import OnlineHardClustering
+    from tests.conftest import base_args, data_args
+
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ClusterlightError, match="neighbours must be a non-negative integer"):
+            OnlineHardClustering(neighbours=bad)
+    # more neighbours than training images: refused after the splits are built, before the Trainer starts
+    args = ["fit", "--model=OnlineHardClustering", "--model.widths=[16, 32]", "--model.neighbours=100",
+            *data_args("digits", max_samples=100), *base_args(tmp_path, epochs=1)]
+    with pytest.raises(ClusterlightError, match=r"neighbours must be below the number of training images \(\d+\), got 100"):
+        main(args)
+    assert not (tmp_path / "runs").exists()

@@ -126,6 +126,13 @@ class ClusteringModule(LightningModule):
     def refresh_clusters(self) -> None:
         """Recompute non-differentiable cluster state from the whole training split (optional)."""
 
+    def check_data(self, datamodule: Any) -> None:
+        """Raise :class:`ClusterlightError` (one line) for training data this method cannot use.
+
+        Called by the CLI after the DataModule has built its splits and before the Trainer
+        starts, so bad input stops the run before anything is written. Default: nothing to check.
+        """
+
     def clusters_ready(self) -> bool:
         """Whether the cluster state can be used for prediction (e.g. k-means centres fitted)."""
         return True

@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from clusterlight.cluster.agglomerative import knn_graph
 from clusterlight.cluster.assignment import (
     distributed_assign,
     greedy_hard_assign,
@@ -67,6 +68,18 @@ class OnlineHardClustering(ClusteringModule):
     assignment of each validation batch: label-free. Training also logs ``train/nonempty_clusters``
     and ``train/largest_cluster_frac`` of the training assignments, to watch for collapse.
 
+    Neighbour pairs (``neighbours: k``, off by default; not in the paper). Without augmentation
+    the only training signal is the pull of each embedding towards its own assigned centroid, so
+    the clustering of the first epoch is what the encoder keeps reinforcing (on Fashion-MNIST the
+    validation ACC stays at its first-epoch level). With ``neighbours: k`` the training split's
+    ``k`` nearest neighbours in pixel space are computed once when fitting starts (rank 0,
+    broadcast; saved in checkpoints), and each training image is paired with one of its
+    neighbours, drawn afresh at every step (the same draw on every rank). The neighbour stands in
+    for an augmented view: the pair is assigned as one unit by the chosen assignment on the mean
+    of the two costs, and the loss is that mean cost of the assigned cluster, so both images are
+    pulled to the same centroid. No label is involved; evaluation is unchanged (each image alone,
+    nearest centroid).
+
     Args:
         num_clusters: number of clusters (linked from the DataModule).
         input_shape: ``(channels, height, width)`` (linked from the DataModule).
@@ -91,6 +104,9 @@ class OnlineHardClustering(ClusteringModule):
             encoder from shrinking every embedding towards one point, where the costs no longer
             separate clusters, training assignments are decided by the size penalty alone and
             nearest-centroid evaluation collapses; with unit variance per dimension it cannot.
+        neighbours: ``0`` (the reference) or ``k``: every training image is paired with one of its
+            ``k`` nearest neighbours in pixel space, drawn afresh at each step (see *Neighbour
+            pairs* above).
         sinkhorn_epsilon: entropic temperature of the Sinkhorn baseline (reference: 0.5).
         sinkhorn_iters: Sinkhorn-Knopp iterations (reference: 15).
         entropy_weight: weight of the KL-to-uniform term of the entropy baseline.
@@ -116,6 +132,7 @@ class OnlineHardClustering(ClusteringModule):
         global_assignment: bool = False,
         centroid_init: Literal["random", "kmeans"] = "random",
         embedding_norm: Literal["none", "batch"] = "none",
+        neighbours: int = 0,
         sinkhorn_epsilon: float = 0.5,
         sinkhorn_iters: int = 15,
         entropy_weight: float = 1.0,
@@ -143,6 +160,8 @@ class OnlineHardClustering(ClusteringModule):
             raise ClusterlightError(f"latent_dim must be at least 1, got {latent_dim}")
         if embedding_norm not in ("none", "batch"):
             raise ClusterlightError(f"embedding_norm must be 'none' or 'batch', got {embedding_norm!r}")
+        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 0:
+            raise ClusterlightError(f"neighbours must be a non-negative integer, got {neighbours!r}")
         self.encoder = ConvEncoder(self.input_shape, latent_dim, widths, norm)
         # Standardised embeddings (no affine): the encoder cannot shrink them towards one point.
         self.out_norm = nn.BatchNorm1d(latent_dim, affine=False) if embedding_norm == "batch" else nn.Identity()
@@ -162,6 +181,10 @@ class OnlineHardClustering(ClusteringModule):
         self.kmeans_seed = kmeans_seed
         self.register_buffer("cluster_prior", torch.full((self.num_clusters,), 1.0 / self.num_clusters))
         self.register_buffer("centroids_initialised", torch.tensor(centroid_init == "random"))
+        self.neighbours = neighbours
+        # (N, k) pixel-space neighbours of the training split (rows by dataset index), set at fit start
+        self.register_buffer("neighbour_index", torch.zeros(0, neighbours, dtype=torch.long))
+        self._register_load_state_dict_pre_hook(self._adapt_neighbour_index)
 
     # ------------------------------------------------------------------ costs and assignments
     def embed(self, images: Tensor) -> Tensor:
@@ -204,8 +227,12 @@ class OnlineHardClustering(ClusteringModule):
 
     # ------------------------------------------------------------------ hooks
     def fit_step(self, images: Tensor, index: Tensor, batch_idx: int) -> Tensor:
-        z = self.embed(images)
-        cost = self.costs(z)
+        if self.neighbours > 0:
+            pair = torch.cat([images, self._neighbour_images(index, batch_idx)])
+            both = self.costs(self.embed(pair))
+            cost = 0.5 * (both[: len(images)] + both[len(images):])  # the pair's mean cost per cluster
+        else:
+            cost = self.costs(self.embed(images))
         assign = self.assign(cost)
         loss = cost.gather(1, assign[:, None]).mean()
         if self.assignment == "entropy":
@@ -218,6 +245,38 @@ class OnlineHardClustering(ClusteringModule):
         self.log("train/nonempty_clusters", (counts > 0).sum().float(), on_step=True, on_epoch=True, batch_size=batch)
         self.log("train/largest_cluster_frac", counts.max() / batch, on_step=True, on_epoch=True, batch_size=batch)
         return loss
+
+    def _neighbour_images(self, index: Tensor, batch_idx: int) -> Tensor:
+        """One of the ``k`` pixel-space neighbours of each sample, drawn per dataset index (the same
+        draw for a sample whatever the number of processes)."""
+        table = self.neighbour_index
+        draw = torch.randint(self.neighbours, (table.shape[0],), generator=self.batch_generator(batch_idx, "neighbour"),
+                             device=self.device)
+        rows = index.to(table.device)
+        nbr = table[rows, draw[rows].to(table.device)]
+        images = self._datamodule().train_dataset.images
+        return images[nbr.cpu()].to(self.device).float().div_(255.0)
+
+    def check_data(self, datamodule: Any) -> None:
+        n = len(datamodule.train_dataset)
+        if self.neighbours >= n:
+            raise ClusterlightError(f"neighbours must be below the number of training images ({n}), got {self.neighbours}")
+
+    def _fit_neighbours(self) -> None:
+        """The pixel-space kNN table of the training split (rank 0, broadcast)."""
+        self.check_data(self._datamodule())
+        images = self._datamodule().train_dataset.images
+        table = None
+        if self.trainer.is_global_zero:
+            table = knn_graph(images.flatten(1).float().div(255.0).to(self.device), self.neighbours)[0]
+        self.neighbour_index = self.broadcast_tensor(table).long()
+        rank_zero_info(f"OnlineHardClustering: {self.neighbours} pixel-space neighbours of {len(images)} training images")
+
+    def _adapt_neighbour_index(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+        # one row per training sample: take the checkpoint's size before loading it
+        saved = state_dict.get(prefix + "neighbour_index")
+        if saved is not None and saved.shape != self.neighbour_index.shape:
+            self.neighbour_index = self.neighbour_index.new_zeros(saved.shape)
 
     def _update_prior(self, counts: Tensor) -> None:
         if self._world_size() > 1:
@@ -243,6 +302,8 @@ class OnlineHardClustering(ClusteringModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        if self.neighbours > 0 and self.neighbour_index.shape[0] != len(self._datamodule().train_dataset):
+            self._fit_neighbours()
         if not self.clusters_ready():
             self.refresh_clusters()
 
