@@ -137,7 +137,7 @@ class ClusterlightCLI(LightningCLI):
         if not getattr(self.datamodule, "download", False):
             # Loads the data and builds the splits now; the Trainer's own setup call reuses them.
             self.datamodule.setup(self.config.get("subcommand"))
-            if self.config.get("subcommand") == "fit" and hasattr(self.model, "check_data"):
+            if self.config.get("subcommand") == "fit":
                 self.model.check_data(self.datamodule)
 
     def before_fit(self) -> None:

@@ -9,7 +9,9 @@ global batch of pairs, and end with the same clusters.
 from __future__ import annotations
 
 import pytest
+import torch
 
+from clusterlight.data import ClusteringDataModule
 from clusterlight.methods import OnlineHardClustering
 from tests.ddp_equivalence import (
     assert_ranks_identical,
@@ -23,8 +25,11 @@ pytestmark = pytest.mark.ddp
 def test_two_gloo_processes_pair_and_cluster_as_one_process(tmp_path) -> None:
     kwargs = {"widths": [16, 32], "latent_dim": 16, "centroid_init": "kmeans", "kmeans_n_init": 1,
               "global_assignment": True, "norm": "group", "neighbours": 5}
-    one, two = fit_one_and_two(OnlineHardClustering, kwargs, tmp_path, epochs=3)
+    one, two = fit_one_and_two(OnlineHardClustering, kwargs, tmp_path, epochs=3, state_attrs=("neighbour_index",))
     assert_ranks_identical(two)
     assert_same_as_one_process(one, two[0])
-    assert one["state"]["neighbour_index"].shape == (len(one["state"]["neighbour_index"]), 5)
-    assert (one["state"]["neighbour_index"] != 0).any()
+    dm = ClusteringDataModule(dataset="digits", max_samples=300, batch_size=64)
+    dm.setup("fit")
+    table = one["neighbour_index"]
+    assert table.shape == (len(dm.train_dataset), 5)  # one row per training image
+    assert torch.equal(two[0]["neighbour_index"], table) and torch.equal(two[1]["neighbour_index"], table)

@@ -66,4 +66,7 @@ def test_labels_do_not_change_training(tmp_path: Path, method: str) -> None:
     shuffled.model.eval()
     with torch.no_grad():
         assert torch.equal(true.model.cluster_outputs(x).cluster, shuffled.model.cluster_outputs(x).cluster)
-    assert true.model.last_metrics["val"]["acc"] != shuffled.model.last_metrics["val"]["acc"]
+    # the metrics saw the permuted labels. Not ACC alone: a run whose validation clusters collapse
+    # into one scores the largest class's share, which a permutation keeps; the OOD AUROC (flags
+    # permuted across samples of different scores) and the other metrics move.
+    assert true.model.last_metrics["val"] != shuffled.model.last_metrics["val"]

@@ -129,8 +129,10 @@ class ClusteringModule(LightningModule):
     def check_data(self, datamodule: Any) -> None:
         """Raise :class:`ClusterlightError` (one line) for training data this method cannot use.
 
-        Called by the CLI after the DataModule has built its splits and before the Trainer
-        starts, so bad input stops the run before anything is written. Default: nothing to check.
+        Called by the CLI (``fit``) after the DataModule has built its splits and before the
+        Trainer starts, so bad input stops the run before anything is written; with
+        ``data.download: true`` the splits are built at the Trainer's setup, and a method that
+        needs the check calls it again when fitting starts. Default: nothing to check.
         """
 
     def clusters_ready(self) -> bool:

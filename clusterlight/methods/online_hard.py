@@ -72,8 +72,8 @@ class OnlineHardClustering(ClusteringModule):
     the only training signal is the pull of each embedding towards its own assigned centroid, so
     the clustering of the first epoch is what the encoder keeps reinforcing (on Fashion-MNIST the
     validation ACC stays at its first-epoch level). With ``neighbours: k`` the training split's
-    ``k`` nearest neighbours in pixel space are computed once when fitting starts (rank 0,
-    broadcast; saved in checkpoints), and each training image is paired with one of its
+    ``k`` nearest neighbours in pixel space are computed when fitting starts (rank 0, broadcast;
+    not saved in checkpoints: a resumed fit computes the same table again), and each training image is paired with one of its
     neighbours, drawn afresh at every step (the same draw on every rank). The neighbour stands in
     for an augmented view: the pair is assigned as one unit by the chosen assignment on the mean
     of the two costs, and the loss is that mean cost of the assigned cluster, so both images are
@@ -182,9 +182,10 @@ class OnlineHardClustering(ClusteringModule):
         self.register_buffer("cluster_prior", torch.full((self.num_clusters,), 1.0 / self.num_clusters))
         self.register_buffer("centroids_initialised", torch.tensor(centroid_init == "random"))
         self.neighbours = neighbours
-        # (N, k) pixel-space neighbours of the training split (rows by dataset index), set at fit start
-        self.register_buffer("neighbour_index", torch.zeros(0, neighbours, dtype=torch.long))
-        self._register_load_state_dict_pre_hook(self._adapt_neighbour_index)
+        # (N, k) pixel-space neighbours of the training split (rows by dataset index), computed at
+        # every fit start (deterministic: a resumed fit gets the same table); not saved in
+        # checkpoints, where it would take N * k * 8 bytes (216 MB for Fashion-MNIST at k = 500)
+        self.register_buffer("neighbour_index", torch.zeros(0, neighbours, dtype=torch.long), persistent=False)
 
     # ------------------------------------------------------------------ costs and assignments
     def embed(self, images: Tensor) -> Tensor:
@@ -259,7 +260,7 @@ class OnlineHardClustering(ClusteringModule):
 
     def check_data(self, datamodule: Any) -> None:
         n = len(datamodule.train_dataset)
-        if self.neighbours >= n:
+        if self.neighbours and self.neighbours >= n:
             raise ClusterlightError(f"neighbours must be below the number of training images ({n}), got {self.neighbours}")
 
     def _fit_neighbours(self) -> None:
@@ -271,12 +272,6 @@ class OnlineHardClustering(ClusteringModule):
             table = knn_graph(images.flatten(1).float().div(255.0).to(self.device), self.neighbours)[0]
         self.neighbour_index = self.broadcast_tensor(table).long()
         rank_zero_info(f"OnlineHardClustering: {self.neighbours} pixel-space neighbours of {len(images)} training images")
-
-    def _adapt_neighbour_index(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
-        # one row per training sample: take the checkpoint's size before loading it
-        saved = state_dict.get(prefix + "neighbour_index")
-        if saved is not None and saved.shape != self.neighbour_index.shape:
-            self.neighbour_index = self.neighbour_index.new_zeros(saved.shape)
 
     def _update_prior(self, counts: Tensor) -> None:
         if self._world_size() > 1:
@@ -302,7 +297,7 @@ class OnlineHardClustering(ClusteringModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if self.neighbours > 0 and self.neighbour_index.shape[0] != len(self._datamodule().train_dataset):
+        if self.neighbours > 0:
             self._fit_neighbours()
         if not self.clusters_ready():
             self.refresh_clusters()
