@@ -105,6 +105,36 @@ def test_feature_mahalanobis_ood_score_matches_scipy() -> None:
     np.testing.assert_allclose(got, np.min(dists, 0) / 5, rtol=1e-3)
 
 
+def test_knn_ood_score_matches_sklearn_neighbours() -> None:
+    """``ood_score: knn``: mean over k of log(k-th neighbour distance / its cluster's median), against
+    scikit-learn's NearestNeighbors and numpy medians."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from clusterlight.methods import DebiasedClustering
+
+    rng = np.random.default_rng(7)
+    ks = [1, 3, 8]
+    model = DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), latent_dim=4, widths=[8, 8],
+                               ood_score="knn", ood_neighbours=ks)
+    x = rng.normal(size=(90, 4)) * rng.uniform(0.5, 2.0, 4)
+    cluster = rng.integers(0, 3, 90)
+    cluster[cluster == 2] = 1  # cluster 2 is empty: its scale is the median over all samples
+    model._fit_knn_bank(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(cluster))
+    nn_ = NearestNeighbors(n_neighbors=max(ks) + 1).fit(x)
+    train_d = nn_.kneighbors(x)[0][:, 1:]  # themselves excluded
+    scale = np.array([[np.median(train_d[cluster == c, k - 1]) if (cluster == c).any() else np.median(train_d[:, k - 1])
+                       for c in range(3)] for k in ks])
+    np.testing.assert_allclose(model.ood_scale.numpy(), scale, rtol=1e-4)
+    z = rng.normal(size=(7, 4)) * 2
+    zc = np.array([0, 1, 2, 0, 1, 2, 0])
+    got = model._knn_scores(torch.as_tensor(z, dtype=torch.float32), torch.as_tensor(zc)).numpy()
+    test_d = nn_.kneighbors(z, n_neighbors=max(ks))[0]
+    ref = np.mean([np.log(test_d[:, k - 1] / scale[i, zc]) for i, k in enumerate(ks)], 0)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    train_ref = np.mean([np.log(train_d[:, k - 1] / scale[i, cluster]) for i, k in enumerate(ks)], 0)
+    np.testing.assert_allclose(model.ood_train_scores.numpy(), train_ref, rtol=1e-4, atol=1e-5)
+
+
 def test_mixture_posterior_matches_scipy() -> None:
     rng = np.random.default_rng(2)
     z, mean = rng.normal(size=(8, 3)), rng.normal(size=(4, 3))
@@ -130,8 +160,11 @@ def test_debiased_target() -> None:
     np.testing.assert_allclose(debiased_target(q, None).numpy(), target_distribution(q).numpy(), rtol=1e-5)
 
 
-def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path) -> None:
+@pytest.mark.parametrize("knn", [False, True], ids=["full_mahalanobis", "knn"])
+def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path, knn: bool) -> None:
     common = METHOD_ARGS["DebiasedClustering"] + data_args("digits", max_samples=400) + base_args(tmp_path, epochs=2)
+    if knn:
+        common += ["--model.ood_score=knn", "--model.ood_neighbours=[1, 4, 16]"]
     fit = main(["fit", *common])
     ckpt = fit.trainer.checkpoint_callback.last_model_path
     assert bool(fit.model.spb_c.initialised) and float(fit.model.spb_c.count.sum()) > 0
@@ -144,6 +177,10 @@ def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path) -> None:
             assert torch.equal(a, b), f"{spb}.{name}"
     for name in ("count", "sum", "sum_outer"):
         assert torch.equal(getattr(fit.model.spb_ood, name), getattr(fresh.model.spb_ood, name)), f"spb_ood.{name}"
+    if knn:
+        assert fit.model.ood_bank.shape == (len(fit.datamodule.train_dataset), 8)
+        for name in ("ood_bank", "ood_scale", "ood_train_scores"):
+            assert torch.equal(getattr(fit.model, name), getattr(fresh.model, name)), name
     # the untrained model would have empty statistics; the restored one predicts as the fitted one
     x = torch.stack([fit.datamodule.test_dataset[i]["image"] for i in range(64)])
     fit.model.eval()
@@ -157,7 +194,8 @@ def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path) -> None:
     # a checkpoint written before the OOD statistics existed still loads; they are recomputed
     # from the training split (same weights, same split: the same scores)
     old = torch.load(ckpt, map_location="cpu", weights_only=False)
-    old["state_dict"] = {k: v for k, v in old["state_dict"].items() if ".spb_ood." not in k and not k.startswith("spb_ood.")}
+    old["state_dict"] = {k: v for k, v in old["state_dict"].items()
+                         if ".spb_ood." not in k and not k.startswith(("spb_ood.", "ood_"))}
     assert len(old["state_dict"]) < len(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
     torch.save(old, tmp_path / "old.ckpt")
     again = main(["test", *common, f"--ckpt_path={tmp_path / 'old.ckpt'}"])

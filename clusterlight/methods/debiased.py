@@ -19,11 +19,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from clusterlight.cluster.agglomerative import knn_graph
 from clusterlight.cluster.kmeans import kmeans
 from clusterlight.cluster.mixture import diag_gmm_em, one_hot
 from clusterlight.cluster.umap_hdbscan import preserve_torch_threads, reduce_umap
+from clusterlight.errors import ClusterlightError
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
+from clusterlight.methods.neighbours import PixelNeighbours
 from clusterlight.nn import MLP, ConvAutoencoder
+from clusterlight.nn.contrastive import nt_xent
 from clusterlight.nn.stats_pool import StatisticsPooling
 from clusterlight.precision import float32_math
 
@@ -61,7 +65,16 @@ def debiased_target(q: Tensor, prior: Tensor | None, power: float = 2.0, freq: T
     return weight / weight.sum(1, keepdim=True).clamp_min(1e-12)
 
 
-class DebiasedClustering(ClusteringModule):
+def _median(x: Tensor) -> Tensor:
+    """numpy's median over dim 0 (the mean of the two middle values for an even count)."""
+    s = x.sort(0).values
+    return 0.5 * (s[(len(s) - 1) // 2] + s[len(s) // 2])
+
+
+OOD_SCORES = ("knn", "full_mahalanobis", "mahalanobis", "nll")
+
+
+class DebiasedClustering(PixelNeighbours, ClusteringModule):
     """Debiased representation learning and clustering, co-trained, with statistics pooling.
 
     **Networks.** The representation network ``R`` is a convolutional autoencoder
@@ -180,8 +193,9 @@ class DebiasedClustering(ClusteringModule):
         use_variance: bool = True,
         use_cardinality: bool = True,
         cotrain: bool = True,
-        ood_score: Literal["full_mahalanobis", "mahalanobis", "nll"] = "full_mahalanobis",
+        ood_score: Literal["knn", "full_mahalanobis", "mahalanobis", "nll"] = "full_mahalanobis",
         ood_shrinkage: float = 0.01,
+        ood_neighbours: list[int] = [1, 2, 4, 8, 16, 32, 64, 128],  # noqa: B006
         reject_quantile: float | None = None,
         kmeans_n_init: int = 10,
         kmeans_seed: int = 0,
@@ -190,6 +204,10 @@ class DebiasedClustering(ClusteringModule):
         distill_epochs: int = 20,
         distill_weight: float = 1.0,
         gmm_iters: int = 100,
+        neighbours: int = 0,
+        contrast_weight: float = 1.0,
+        contrast_temperature: float = 0.5,
+        projection_dim: int = 64,
         grad_clip: float | None = None,
         optimizer_r: OptimizerCallable = torch.optim.Adam,
         optimizer_c: OptimizerCallable = torch.optim.Adam,
@@ -198,8 +216,12 @@ class DebiasedClustering(ClusteringModule):
         super().__init__(num_clusters, input_shape, optimizer_r, lr_scheduler)
         if reject_quantile is not None and not 0.0 < reject_quantile < 1.0:
             raise ValueError(f"reject_quantile must be in (0, 1) or null, got {reject_quantile}")
-        if ood_score not in ("full_mahalanobis", "mahalanobis", "nll"):
-            raise ValueError(f"ood_score must be 'full_mahalanobis', 'mahalanobis' or 'nll', got {ood_score!r}")
+        if ood_score not in OOD_SCORES:
+            raise ValueError(f"ood_score must be one of {', '.join(OOD_SCORES)}, got {ood_score!r}")
+        if isinstance(ood_neighbours, int):
+            ood_neighbours = [ood_neighbours]
+        if not ood_neighbours or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ood_neighbours):
+            raise ValueError(f"ood_neighbours must be a non-empty list of positive integers, got {ood_neighbours!r}")
         if not 0.0 <= ood_shrinkage <= 1.0:
             raise ValueError(f"ood_shrinkage must be in [0, 1], got {ood_shrinkage}")
         self.automatic_optimization = False
@@ -213,6 +235,13 @@ class DebiasedClustering(ClusteringModule):
         # whole training split, never updated per batch)
         self.spb_ood = StatisticsPooling(k, latent_dim, full_covariance=True)
         self.ood_shrinkage = ood_shrinkage
+        self.ood_neighbours = sorted(set(ood_neighbours))
+        # ood_score knn: R's features of the training split (the bank), the median distance of a
+        # training sample of each cluster to its ood_neighbours-th neighbour, and every training
+        # sample's own score (for reject_quantile); set with spb_ood, saved in checkpoints
+        self.register_buffer("ood_bank", torch.zeros(0, latent_dim))
+        self.register_buffer("ood_scale", torch.ones(len(self.ood_neighbours), k))
+        self.register_buffer("ood_train_scores", torch.zeros(0))
         self.pretrain_epochs = pretrain_epochs
         self.target_power = target_power
         self.debias_strength = debias_strength
@@ -233,6 +262,13 @@ class DebiasedClustering(ClusteringModule):
         self.distill_epochs = distill_epochs
         self.distill_weight = distill_weight
         self.gmm_iters = gmm_iters
+        if contrast_weight < 0 or not contrast_temperature > 0 or projection_dim < 1:
+            raise ValueError("contrast_weight must be >= 0, contrast_temperature > 0 and projection_dim >= 1")
+        # neighbour views for R (pixel-space kNN table, recomputed at every fit start)
+        self._init_neighbours(neighbours)
+        self.contrast_weight = float(contrast_weight)
+        self.contrast_temperature = float(contrast_temperature)
+        self.projector = MLP(latent_dim, [2 * latent_dim], projection_dim) if neighbours > 0 else None
         # C's target embedding of every training sample (rows by dataset index), set when clustering starts
         self.register_buffer("manifold_target", torch.zeros(0, cluster_dim))
         self._register_load_state_dict_pre_hook(self._adapt_state_dict)
@@ -292,13 +328,57 @@ class DebiasedClustering(ClusteringModule):
         resp = torch.cat([self._posterior(self._cluster_space(z_r[i:i + 4096]))[0].exp()
                           for i in range(0, len(z_r), 4096)])
         self.spb_ood.reset_from(z_r, resp)
+        if self.ood_score_kind == "knn":
+            self._fit_knn_bank(z_r, resp.argmax(1))
+
+    def _fit_knn_bank(self, z_r: Tensor, cluster: Tensor) -> None:
+        """The bank of training features and the clusters' scales for ``ood_score: knn``.
+
+        For each ``k`` of ``ood_neighbours``, the scale of cluster ``c`` is the median, over the
+        training samples assigned to ``c``, of the distance to their ``k``-th nearest training
+        sample (themselves excluded); an empty cluster takes the median over all. Every rank
+        computes the same values from the same whole-split tensors.
+        """
+        dist = knn_graph(z_r, max(self.ood_neighbours))[1].clamp_min(0.0).sqrt()  # (N, k_max), increasing
+        kth = dist[:, [k - 1 for k in self.ood_neighbours]]  # (N, len(ood_neighbours))
+        overall = _median(kth)
+        scale = torch.stack([_median(kth[cluster == c]) if int((cluster == c).sum()) > 0 else overall
+                             for c in range(self.num_clusters)], 1)  # (len(ood_neighbours), K)
+        self.ood_bank = z_r.detach().float().clone()
+        self.ood_scale = scale.clamp_min(1e-12).float()
+        self.ood_train_scores = self._scaled_log_distances(kth, cluster)
+
+    def _scaled_log_distances(self, kth: Tensor, cluster: Tensor) -> Tensor:
+        """Mean over the ``k`` of ``log(d_k / scale_k[cluster])``."""
+        return (kth.clamp_min(1e-12) / self.ood_scale[:, cluster].T).log().mean(1)
+
+    @float32_math
+    def _knn_scores(self, z_r: Tensor, cluster: Tensor) -> Tensor:
+        """The multi-scale, cluster-normalised k-NN distance of ``R``'s features (``ood_score: knn``).
+
+        For each ``k`` of ``ood_neighbours``: the distance to the ``k``-th nearest training
+        feature over the median of that distance in the sample's cluster; the score is the mean
+        of the logs. A sample of a sparse tail cluster is not an outlier for being far from the
+        head classes, and the scales from 1 to 128 neighbours catch both an outlier next to a
+        few training samples and one in a sparse region.
+        """
+        bank = self.ood_bank
+        z = z_r.float()
+        if len(z) == 0:
+            return z.new_zeros(0)
+        cols = torch.tensor([k - 1 for k in self.ood_neighbours], device=z.device)
+        kth = torch.cat([torch.cdist(z[i:i + 512], bank).topk(max(self.ood_neighbours), dim=1, largest=False).values
+                         for i in range(0, len(z), 512)])[:, cols]
+        return self._scaled_log_distances(kth, cluster)
 
     def _ood_scores(self, z_r: Tensor, z_c: Tensor, log_q: Tensor, maha: Tensor) -> Tensor:
+        if self.ood_score_kind == "knn" and self.ood_bank.shape[0] > 0:
+            return self._knn_scores(z_r, log_q.argmax(1))
         # full_mahalanobis before its statistics exist (monitoring during pretraining): the diagonal score
         if self.ood_score_kind == "full_mahalanobis" and bool(self.spb_ood.initialised):
             return self._feature_mahalanobis(z_r)
         if self.ood_score_kind == "nll":
-            mean, var, prior = self._mixture()
+            _, var, prior = self._mixture()
             log_lik = -0.5 * (maha + torch.log(var).sum(1) + z_c.shape[1] * math.log(2 * math.pi))
             return -torch.logsumexp(log_lik + prior.log(), dim=1)
         return maha.min(dim=1).values / z_c.shape[1]
@@ -307,9 +387,34 @@ class DebiasedClustering(ClusteringModule):
         """Zero that depends on every parameter of ``module`` (DDP then needs no unused-parameter search)."""
         return sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
 
+    def _r_parameters(self) -> list[torch.nn.Parameter]:
+        """``R``'s parameters: the autoencoder and, with neighbour views, its projection head."""
+        extra = list(self.projector.parameters()) if self.projector is not None else []
+        return list(self.representation.parameters()) + extra
+
+    def _touch_r(self) -> Tensor:
+        return sum(p.sum() for p in self._r_parameters() if p.requires_grad) * 0.0
+
+    def _represent(self, images: Tensor, index: Tensor, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``R`` on a training batch: features, reconstruction and the neighbour-contrast loss.
+
+        With ``neighbours`` each image and one of its pixel-space neighbours are encoded together;
+        the projections of the pairs enter :func:`nt_xent` over the global batch (every rank's
+        pairs are the negatives, as on one process). Without: the contrast loss is 0.
+        """
+        if self.projector is None:
+            z_r, recon = self.representation(images)
+            return z_r, recon, images.new_zeros((), dtype=torch.float32)
+        both = self.representation.encode(torch.cat([images, self._neighbour_images(index, batch_idx)]))
+        z_r, z_n = both[: len(images)], both[len(images):]
+        recon = self.representation.decode(z_r)
+        a, _ = self.gather_batch(self.projector(z_r))
+        b, _ = self.gather_batch(self.projector(z_n))
+        return z_r, recon, self.gathered_loss(nt_xent(a, b, self.contrast_temperature))
+
     # ------------------------------------------------------------------ hooks
     def configure_optimizers(self) -> Any:
-        opt_r = self.optimizer_factory(self.representation.parameters())
+        opt_r = self.optimizer_factory(self._r_parameters())
         opt_c = self.optimizer_c_factory(self.clustering.parameters())
         if self.lr_scheduler_factory is None:
             return [opt_r, opt_c]
@@ -332,13 +437,17 @@ class DebiasedClustering(ClusteringModule):
     def fit_step(self, images: Tensor, index: Tensor, batch_idx: int) -> dict[str, Tensor]:
         opt_r, opt_c = self.optimizers()
         if self.pretraining:
-            z_r, recon = self.representation(images)
+            z_r, recon, contrast = self._represent(images, index, batch_idx)
             recon_loss = F.mse_loss(recon.float(), images.float())
-            self._step(opt_r, recon_loss + self._touch(self.clustering))
-            return {"loss": recon_loss.detach(), "recon": recon_loss.detach()}
+            self._step(opt_r, recon_loss + self.contrast_weight * contrast + self._touch(self.clustering))
+            return {"loss": recon_loss.detach(), "recon": recon_loss.detach(), "contrast": contrast.detach()}
 
-        # R step: reconstruction weighted by the cardinality of each sample's current cluster.
-        z_r, recon = self.representation(images)
+        # R step: reconstruction weighted by the cardinality of each sample's current cluster,
+        # plus the neighbour contrast (with ``neighbours``).
+        if self.cotrain:
+            z_r, recon, contrast = self._represent(images, index, batch_idx)
+        else:
+            (z_r, recon), contrast = self.representation(images), images.new_zeros((), dtype=torch.float32)
         per_sample = (recon.float() - images.float()).pow(2).flatten(1).mean(1)
         with torch.no_grad():
             log_q_now, _, prior = self._posterior(self._cluster_space(z_r.detach()))
@@ -350,7 +459,7 @@ class DebiasedClustering(ClusteringModule):
                 w = torch.ones_like(per_sample)
         recon_loss = (w * per_sample).mean()
         if self.cotrain:
-            self._step(opt_r, recon_loss + self._touch(self.clustering))
+            self._step(opt_r, recon_loss + self.contrast_weight * contrast + self._touch(self.clustering))
 
         # C step: self-training of the mixture posterior on detached features of R.
         z_c = self._cluster_space(z_r.detach())
@@ -360,14 +469,26 @@ class DebiasedClustering(ClusteringModule):
                                  freq=self.global_batch_sum(q.detach().sum(0)))  # f of the global batch
         cluster_loss = (target * (target.clamp_min(1e-12).log() - log_q)).sum(1).mean()
         embed_loss = self._embedding_loss(z_c, index)
-        self._step(opt_c, cluster_loss + self.distill_weight * embed_loss + self._touch(self.representation))
+        self._step(opt_c, cluster_loss + self.distill_weight * embed_loss + self._touch_r())
 
         # SPB updates (all-reduced under DDP): soft assignments, like an online EM M-step.
         self.spb_r.update(z_r.detach(), q.detach())
         self.spb_c.update(z_c.detach(), q.detach())
-        return {"loss": (recon_loss + cluster_loss).detach(), "recon": recon_loss.detach(),
+        return {"loss": (recon_loss + cluster_loss).detach(), "recon": recon_loss.detach(), "contrast": contrast.detach(),
                 "cluster_loss": cluster_loss.detach(), "embed_loss": embed_loss.detach(),
                 "nonempty_clusters": (q.argmax(1).bincount(minlength=self.num_clusters) > 0).sum().float()}
+
+    def check_data(self, datamodule: Any) -> None:
+        super().check_data(datamodule)  # neighbours
+        n = len(datamodule.train_dataset)
+        if self.ood_score_kind == "knn" and max(self.ood_neighbours) >= n:
+            raise ClusterlightError(f"ood_neighbours must be below the number of training images ({n}), "
+                                    f"got {max(self.ood_neighbours)}")
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.neighbours > 0:
+            self._fit_neighbours()
 
     def on_train_epoch_start(self) -> None:
         if not self.pretraining and not bool(self.clustering_started):
@@ -386,15 +507,22 @@ class DebiasedClustering(ClusteringModule):
 
     def _adapt_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         # the target has one row per training sample: take the checkpoint's size before loading it
-        saved = state_dict.get(prefix + "manifold_target")
-        if saved is not None and saved.shape != self.manifold_target.shape:
-            self.manifold_target = self.manifold_target.new_zeros(saved.shape)
+        for name in ("manifold_target", "ood_bank", "ood_train_scores"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, getattr(self, name).new_zeros(saved.shape))
         # checkpoints from before the full-covariance OOD statistics: load them uninitialised (they
         # are recomputed from the training split before the next evaluation or prediction)
         ood_keys = [prefix + "spb_ood." + name for name, _ in self.spb_ood.named_buffers()]
         if not any(key in state_dict for key in ood_keys):
             for name, buf in self.spb_ood.named_buffers():
                 state_dict[prefix + "spb_ood." + name] = torch.zeros_like(buf)
+        # checkpoints from before ood_score knn: an empty bank (refilled before the next evaluation)
+        for name, empty in (("ood_bank", self.ood_bank.new_zeros((0, self.ood_bank.shape[1]))),
+                            ("ood_scale", torch.ones_like(self.ood_scale)), ("ood_train_scores", self.ood_train_scores.new_zeros(0))):
+            if prefix + name not in state_dict:
+                setattr(self, name, empty)
+                state_dict[prefix + name] = empty.clone()
 
     def _embedding_loss(self, z_c: Tensor, index: Tensor) -> Tensor:
         """Mean squared distance of ``C``'s embeddings to their UMAP targets (0 without ``manifold``)."""
@@ -465,7 +593,11 @@ class DebiasedClustering(ClusteringModule):
         self.clustering.load_state_dict(student.state_dict())
 
     def _set_reject_threshold(self) -> None:
-        scores = self.compute_on_split(lambda x: self._outputs(x).ood_score)
+        if self.ood_score_kind == "knn":
+            self._fit_ood_statistics()  # the bank of the current weights; training scores exclude each sample itself
+            scores = self.ood_train_scores
+        else:
+            scores = self.compute_on_split(lambda x: self._outputs(x).ood_score)
         self.reject_threshold.fill_(float(torch.quantile(scores.float(), self.reject_quantile)))
 
     def refresh_clusters(self) -> None:
@@ -473,12 +605,14 @@ class DebiasedClustering(ClusteringModule):
         # the OOD statistics follow R's and C's current weights.
         if not bool(self.clustering_started):
             self.init_clusters(monitor_only=True)
-        elif self.ood_score_kind == "full_mahalanobis":
+        elif self.ood_score_kind in ("full_mahalanobis", "knn"):
             self._fit_ood_statistics()
 
     def clusters_ready(self) -> bool:
-        ood_ready = self.ood_score_kind != "full_mahalanobis" or not bool(self.clustering_started) \
+        ood_ready = self.ood_score_kind not in ("full_mahalanobis", "knn") or not bool(self.clustering_started) \
             or bool(self.spb_ood.initialised)
+        if self.ood_score_kind == "knn" and bool(self.clustering_started):
+            ood_ready = ood_ready and self.ood_bank.shape[0] > 0
         return bool(self.spb_c.initialised) and ood_ready
 
     def embed(self, images: Tensor) -> Tensor:

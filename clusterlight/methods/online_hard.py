@@ -14,7 +14,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from clusterlight.cluster.agglomerative import knn_graph
 from clusterlight.cluster.assignment import (
     distributed_assign,
     greedy_hard_assign,
@@ -25,6 +24,7 @@ from clusterlight.cluster.assignment import (
 from clusterlight.cluster.kmeans import kmeans
 from clusterlight.errors import ClusterlightError
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
+from clusterlight.methods.neighbours import PixelNeighbours
 from clusterlight.nn import ConvEncoder
 
 __all__ = ["OnlineHardClustering"]
@@ -32,7 +32,7 @@ __all__ = ["OnlineHardClustering"]
 ASSIGNMENTS = ("hard", "sinkhorn", "entropy", "argmin")
 
 
-class OnlineHardClustering(ClusteringModule):
+class OnlineHardClustering(PixelNeighbours, ClusteringModule):
     """Online clustering: an encoder and K centroids trained jointly on hard batch assignments.
 
     Each cluster is an isotropic Gaussian ``N(mu_c, sigma I)`` in the embedding space, so the cost
@@ -161,8 +161,6 @@ class OnlineHardClustering(ClusteringModule):
             raise ClusterlightError(f"latent_dim must be at least 1, got {latent_dim}")
         if embedding_norm not in ("none", "batch"):
             raise ClusterlightError(f"embedding_norm must be 'none' or 'batch', got {embedding_norm!r}")
-        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 0:
-            raise ClusterlightError(f"neighbours must be a non-negative integer, got {neighbours!r}")
         self.encoder = ConvEncoder(self.input_shape, latent_dim, widths, norm)
         # Standardised embeddings (no affine): the encoder cannot shrink them towards one point.
         self.out_norm = nn.BatchNorm1d(latent_dim, affine=False) if embedding_norm == "batch" else nn.Identity()
@@ -182,11 +180,8 @@ class OnlineHardClustering(ClusteringModule):
         self.kmeans_seed = kmeans_seed
         self.register_buffer("cluster_prior", torch.full((self.num_clusters,), 1.0 / self.num_clusters))
         self.register_buffer("centroids_initialised", torch.tensor(centroid_init == "random"))
-        self.neighbours = neighbours
-        # (N, k) pixel-space neighbours of the training split (rows by dataset index), computed at
-        # every fit start (deterministic: a resumed fit gets the same table); not saved in
-        # checkpoints, where it would take N * k * 8 bytes (216 MB for Fashion-MNIST at k = 500)
-        self.register_buffer("neighbour_index", torch.zeros(0, neighbours, dtype=torch.long), persistent=False)
+        # (N, k) pixel-space neighbours of the training split, recomputed at every fit start
+        self._init_neighbours(neighbours)
 
     # ------------------------------------------------------------------ costs and assignments
     def embed(self, images: Tensor) -> Tensor:
@@ -247,32 +242,6 @@ class OnlineHardClustering(ClusteringModule):
         self.log("train/nonempty_clusters", (counts > 0).sum().float(), on_step=True, on_epoch=True, batch_size=batch)
         self.log("train/largest_cluster_frac", counts.max() / batch, on_step=True, on_epoch=True, batch_size=batch)
         return loss
-
-    def _neighbour_images(self, index: Tensor, batch_idx: int) -> Tensor:
-        """One of the ``k`` pixel-space neighbours of each sample, drawn per dataset index (the same
-        draw for a sample whatever the number of processes)."""
-        table = self.neighbour_index
-        draw = torch.randint(self.neighbours, (table.shape[0],), generator=self.batch_generator(batch_idx, "neighbour"),
-                             device=self.device)
-        rows = index.to(table.device)
-        nbr = table[rows, draw[rows].to(table.device)]
-        images = self._datamodule().train_dataset.images
-        return images[nbr.cpu()].to(self.device).float().div_(255.0)
-
-    def check_data(self, datamodule: Any) -> None:
-        n = len(datamodule.train_dataset)
-        if self.neighbours and self.neighbours >= n:
-            raise ClusterlightError(f"neighbours must be below the number of training images ({n}), got {self.neighbours}")
-
-    def _fit_neighbours(self) -> None:
-        """The pixel-space kNN table of the training split (rank 0, broadcast)."""
-        self.check_data(self._datamodule())
-        images = self._datamodule().train_dataset.images
-        table = None
-        if self.trainer.is_global_zero:
-            table = knn_graph(images.flatten(1).float().div(255.0).to(self.device), self.neighbours)[0]
-        self.neighbour_index = self.broadcast_tensor(table).long()
-        rank_zero_info(f"OnlineHardClustering: {self.neighbours} pixel-space neighbours of {len(images)} training images")
 
     def _update_prior(self, counts: Tensor) -> None:
         if self._world_size() > 1:
