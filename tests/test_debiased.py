@@ -12,8 +12,8 @@ from scipy.stats import multivariate_normal
 from sklearn.metrics import roc_auc_score
 
 from clusterlight.cli import main
-from clusterlight.methods.dec import target_distribution
 from clusterlight.methods.debiased import debiased_target, mixture_log_posterior
+from clusterlight.methods.dec import target_distribution
 from clusterlight.nn.stats_pool import StatisticsPooling
 from tests.conftest import METHOD_ARGS, base_args, data_args
 

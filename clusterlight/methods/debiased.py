@@ -23,7 +23,6 @@ from clusterlight.cluster.agglomerative import knn_graph
 from clusterlight.cluster.kmeans import kmeans
 from clusterlight.cluster.mixture import diag_gmm_em, one_hot
 from clusterlight.cluster.umap_hdbscan import preserve_torch_threads, reduce_umap
-from clusterlight.errors import ClusterlightError
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
 from clusterlight.methods.neighbours import PixelNeighbours
 from clusterlight.nn import MLP, ConvAutoencoder
@@ -108,25 +107,37 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        ``q^2 / f`` forces equal cluster sizes, plain ``q^2`` lets big clusters absorb small ones;
        the running cardinality ``pi`` cancels the balancing push without adding a rich-get-richer
        one.
-    3. *OOD score* from the same statistics: by default (``ood_score: full_mahalanobis``) the
-       smallest Mahalanobis distance to a cluster in ``R``'s feature space, with each cluster's
-       *full* covariance (an SPB with ``full_covariance``, ``ood_shrinkage`` towards its mean
-       variance), the clusters being ``C``'s soft assignments; these statistics are recomputed
-       from the whole training split before every validation (one pass of ``R``), so they
-       belong to the weights they are saved with. ``mahalanobis`` is the smallest per-dimension
-       (diagonal) Mahalanobis distance in ``C``'s space and ``nll`` the negative log-likelihood
-       under ``C``'s mixture. On the long-tailed USPS split with digit 9 held out
-       (``configs/debiased/usps_lt_fast.yaml``, seed 0, the same trained model) the held-out digit
-       is ranked with AUROC 0.63 by ``mahalanobis`` and 0.83 by the full-covariance distance in
-       ``R``'s space: ``C``'s space is a UMAP-like embedding, which places every sample near some cluster.
-       The score is returned by ``predict`` and evaluated as ``test/ood_auroc``.
-       ``reject_quantile`` leaves samples unassigned (cluster ``-1``) whose score exceeds that
-       quantile of the training scores.
+    3. *OOD score* in ``R``'s feature space, debiased by cardinality (``ood_score: knn``, the
+       default): for each ``k`` of ``ood_neighbours`` (1, 2, 4, ..., 128) the distance to the
+       ``k``-th nearest training feature, divided by the median of that distance over the training
+       samples of the sample's cluster (``C``'s assignment); the score is the mean of the logs.
+       A tail cluster's samples lie farther apart than a head cluster's; the division keeps them
+       from being taken for outliers, and the scales from one to 128 neighbours catch an
+       outlier next to a few training samples as well as one in a sparse region. The bank of
+       training features and the scales are recomputed from the whole training split before
+       every validation (one pass of ``R``), so they belong to the weights they are saved with
+       (checkpoints carry them). The alternatives: ``full_mahalanobis``, the smallest
+       Mahalanobis distance to a cluster in ``R``'s space with each cluster's *full* covariance
+       (an SPB with ``full_covariance``, ``ood_shrinkage`` towards its mean variance, ``C``'s
+       soft assignments, recomputed likewise); ``mahalanobis``, the smallest diagonal one in
+       ``C``'s space; ``nll``, the negative log-likelihood under ``C``'s mixture. ``C``'s space
+       is a UMAP-like embedding, which places every sample near some cluster: the two scores in
+       it rank held-out classes worst (README, Results). The score is returned by ``predict``
+       and evaluated as ``test/ood_auroc``. ``reject_quantile`` leaves samples unassigned
+       (cluster ``-1``) whose score exceeds that quantile of the training scores.
     4. *Debiased representation* (``R``): ``R``'s reconstruction loss weighs each sample by
        ``(K * pi_k)^-debias_strength`` for its current cluster ``k`` (tail clusters count more,
        head clusters less; weights normalised to mean 1), and ``C`` reads ``R``'s features
        standardised by the *cluster-balanced* mean and variance of the SPB over ``R``'s space
        (each cluster weighs the same, so head classes do not set the scale).
+    5. *Neighbour views* (``neighbours: k``; off by default, the configs set 10, COIL-20's 5).
+       Without augmentation an autoencoder's features follow pixel reconstruction only. With
+       ``neighbours`` each training
+       image is paired with one of its ``k`` nearest training images in pixel space (the table of
+       :class:`~clusterlight.methods.neighbours.PixelNeighbours`, as in online hard clustering),
+       and ``R`` also minimises the NT-Xent loss (:func:`~clusterlight.nn.contrastive.nt_xent`,
+       ``contrast_weight``, ``contrast_temperature``) between the projections of the pairs over
+       the global batch; each step then encodes twice as many images.
 
     **Gradients between the networks.** ``C`` reads ``R``'s features *detached*: no gradient of
     the clustering loss reaches ``R``. The clustering loss rewards confident assignments, and
@@ -165,12 +176,21 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         use_cardinality: use the pooled cardinalities (``false``: uniform prior, DEC target).
         cotrain: keep training ``R`` during clustering (``false``: ``C`` alone on a frozen ``R``).
         ood_score: ``full_mahalanobis`` (smallest full-covariance Mahalanobis distance in ``R``'s
-            space), ``mahalanobis`` (smallest diagonal one in ``C``'s space) or ``nll`` (``C``'s mixture).
+            space), ``knn`` (multi-scale k-NN distance in ``R``'s space over each cluster's
+            median, see item 3), ``mahalanobis`` (smallest diagonal one in ``C``'s space) or
+            ``nll`` (``C``'s mixture).
         ood_shrinkage: shrinkage of the clusters' full covariances towards their mean variance (0 to 1).
+        ood_neighbours: the numbers of neighbours whose distances make ``ood_score: knn`` (each
+            capped at the number of training images minus one).
         reject_quantile: leave unassigned the samples whose OOD score is above this quantile of
             the training scores (``null``: assign every sample).
         kmeans_n_init: k-means restarts for the initial partition.
         kmeans_seed: seed of k-means' own generator.
+        neighbours: ``0`` (off) or ``k``: pair each training image with one of its ``k`` nearest
+            training images in pixel space for ``R``'s contrastive loss (item 5).
+        contrast_weight: weight of the neighbour-pair NT-Xent loss in ``R``'s loss.
+        contrast_temperature: NT-Xent temperature.
+        projection_dim: output size of ``R``'s projection head for the NT-Xent loss.
         grad_clip: clip each network's gradient norm to this value (``null``: no clipping).
         optimizer_r: optimizer factory of the representation network.
         optimizer_c: optimizer factory of the clustering network.
@@ -193,7 +213,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         use_variance: bool = True,
         use_cardinality: bool = True,
         cotrain: bool = True,
-        ood_score: Literal["knn", "full_mahalanobis", "mahalanobis", "nll"] = "full_mahalanobis",
+        ood_score: Literal["knn", "full_mahalanobis", "mahalanobis", "nll"] = "knn",
         ood_shrinkage: float = 0.01,
         ood_neighbours: list[int] = [1, 2, 4, 8, 16, 32, 64, 128],  # noqa: B006
         reject_quantile: float | None = None,
@@ -339,14 +359,18 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         sample (themselves excluded); an empty cluster takes the median over all. Every rank
         computes the same values from the same whole-split tensors.
         """
-        dist = knn_graph(z_r, max(self.ood_neighbours))[1].clamp_min(0.0).sqrt()  # (N, k_max), increasing
-        kth = dist[:, [k - 1 for k in self.ood_neighbours]]  # (N, len(ood_neighbours))
+        dist = knn_graph(z_r, self._ks(len(z_r))[-1])[1].clamp_min(0.0).sqrt()  # (N, k_max), increasing
+        kth = dist[:, [k - 1 for k in self._ks(len(z_r))]]  # (N, len(ood_neighbours))
         overall = _median(kth)
         scale = torch.stack([_median(kth[cluster == c]) if int((cluster == c).sum()) > 0 else overall
                              for c in range(self.num_clusters)], 1)  # (len(ood_neighbours), K)
         self.ood_bank = z_r.detach().float().clone()
         self.ood_scale = scale.clamp_min(1e-12).float()
         self.ood_train_scores = self._scaled_log_distances(kth, cluster)
+
+    def _ks(self, n_train: int) -> list[int]:
+        """``ood_neighbours``, each capped at ``n_train - 1`` (the most neighbours a training sample has)."""
+        return [max(1, min(k, n_train - 1)) for k in self.ood_neighbours]
 
     def _scaled_log_distances(self, kth: Tensor, cluster: Tensor) -> Tensor:
         """Mean over the ``k`` of ``log(d_k / scale_k[cluster])``."""
@@ -366,8 +390,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         z = z_r.float()
         if len(z) == 0:
             return z.new_zeros(0)
-        cols = torch.tensor([k - 1 for k in self.ood_neighbours], device=z.device)
-        kth = torch.cat([torch.cdist(z[i:i + 512], bank).topk(max(self.ood_neighbours), dim=1, largest=False).values
+        ks = self._ks(bank.shape[0])
+        cols = torch.tensor([k - 1 for k in ks], device=z.device)
+        kth = torch.cat([torch.cdist(z[i:i + 512], bank).topk(ks[-1], dim=1, largest=False).values
                          for i in range(0, len(z), 512)])[:, cols]
         return self._scaled_log_distances(kth, cluster)
 
@@ -477,13 +502,6 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         return {"loss": (recon_loss + cluster_loss).detach(), "recon": recon_loss.detach(), "contrast": contrast.detach(),
                 "cluster_loss": cluster_loss.detach(), "embed_loss": embed_loss.detach(),
                 "nonempty_clusters": (q.argmax(1).bincount(minlength=self.num_clusters) > 0).sum().float()}
-
-    def check_data(self, datamodule: Any) -> None:
-        super().check_data(datamodule)  # neighbours
-        n = len(datamodule.train_dataset)
-        if self.ood_score_kind == "knn" and max(self.ood_neighbours) >= n:
-            raise ClusterlightError(f"ood_neighbours must be below the number of training images ({n}), "
-                                    f"got {max(self.ood_neighbours)}")
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -1,0 +1,35 @@
+"""DDP equals one device: DebiasedClustering with neighbour views and the k-NN OOD score (one DDP test per file).
+
+The pixel-space kNN table is computed on rank 0 and broadcast; each image's neighbour is drawn by
+its dataset index; the NT-Xent loss of ``R`` is computed over the gathered global batch of pairs
+(every rank's pairs are the negatives, as on one process) with the gradient scaled by the world
+size; the k-NN bank and scales come from the whole training split on every rank.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clusterlight.methods import DebiasedClustering
+from tests.ddp_equivalence import (
+    assert_ranks_identical,
+    assert_same_as_one_process,
+    fit_one_and_two,
+)
+
+pytestmark = pytest.mark.ddp
+
+
+def test_two_gloo_processes_contrast_pairs_and_score_as_one_process(tmp_path) -> None:
+    """``manifold: none`` and ``gmm_iters: 0`` for the reasons given in ``tests/test_ddp_debiased.py``."""
+    kwargs = {"widths": [16, 32], "kmeans_n_init": 2, "pretrain_epochs": 1, "latent_dim": 8, "cluster_dim": 4,
+              "head_hidden": [16], "norm": "group", "manifold": "none", "gmm_iters": 0,
+              "neighbours": 5, "ood_score": "knn", "ood_neighbours": [1, 4, 16]}
+    one, two = fit_one_and_two(DebiasedClustering, kwargs, tmp_path, epochs=3,
+                               state_attrs=("neighbour_index",))
+    assert_ranks_identical(two)
+    assert_same_as_one_process(one, two[0])
+    table = one["neighbour_index"]
+    assert table.shape[1] == 5 and table.shape[0] == one["state"]["ood_bank"].shape[0]  # a row per training image
+    assert torch.equal(two[0]["neighbour_index"], table) and torch.equal(two[1]["neighbour_index"], table)
