@@ -133,6 +133,33 @@ def test_knn_ood_score_matches_sklearn_neighbours() -> None:
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
     train_ref = np.mean([np.log(train_d[:, k - 1] / scale[i, cluster]) for i, k in enumerate(ks)], 0)
     np.testing.assert_allclose(model.ood_train_scores.numpy(), train_ref, rtol=1e-4, atol=1e-5)
+    # a training sample scored again (eval_on: all) does not count itself: its training score
+    again = model._knn_scores(torch.as_tensor(x[:10], dtype=torch.float32), torch.as_tensor(cluster[:10])).numpy()
+    np.testing.assert_allclose(again, train_ref[:10], rtol=1e-4, atol=1e-5)
+
+
+def test_knn_ood_score_is_precise_far_from_the_origin() -> None:
+    """Features with a large common offset: the scores match float64 scikit-learn distances."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from clusterlight.methods import DebiasedClustering
+
+    rng = np.random.default_rng(8)
+    model = DebiasedClustering(num_clusters=2, input_shape=(1, 16, 16), latent_dim=6, widths=[8, 8],
+                               ood_score="knn", ood_neighbours=[1, 2])
+    x = rng.normal(size=(200, 6)) * 0.3 + 100.0
+    cluster = (x[:, 0] > 100.0).astype(np.int64)
+    model._fit_knn_bank(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(cluster))
+    z = rng.normal(size=(50, 6)) * 0.3 + 100.0
+    zc = (z[:, 0] > 100.0).astype(np.int64)
+    got = model._knn_scores(torch.as_tensor(z, dtype=torch.float32), torch.as_tensor(zc)).numpy()
+    x32 = torch.as_tensor(x, dtype=torch.float32).double().numpy()  # the bank as stored
+    nn_ = NearestNeighbors(n_neighbors=3).fit(x32)
+    train_d = nn_.kneighbors(x32)[0][:, 1:]
+    scale = np.array([[np.median(train_d[cluster == c, k - 1]) for c in range(2)] for k in (1, 2)])
+    test_d = nn_.kneighbors(torch.as_tensor(z, dtype=torch.float32).double().numpy(), n_neighbors=2)[0]
+    ref = np.mean([np.log(test_d[:, k - 1] / scale[i, zc]) for i, k in enumerate((1, 2))], 0)
+    np.testing.assert_allclose(got, ref, atol=2e-3)
 
 
 def test_mixture_posterior_matches_scipy() -> None:
@@ -163,8 +190,7 @@ def test_debiased_target() -> None:
 @pytest.mark.parametrize("knn", [False, True], ids=["full_mahalanobis", "knn"])
 def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path, knn: bool) -> None:
     common = METHOD_ARGS["DebiasedClustering"] + data_args("digits", max_samples=400) + base_args(tmp_path, epochs=2)
-    if knn:
-        common += ["--model.ood_score=knn", "--model.ood_neighbours=[1, 4, 16]"]
+    common += ["--model.ood_score=knn", "--model.ood_neighbours=[1, 4, 16]"] if knn else ["--model.ood_score=full_mahalanobis"]
     fit = main(["fit", *common])
     ckpt = fit.trainer.checkpoint_callback.last_model_path
     assert bool(fit.model.spb_c.initialised) and float(fit.model.spb_c.count.sum()) > 0
@@ -222,3 +248,32 @@ def test_ood_score_ranks_held_out_classes_above_seen_ones(tmp_path: Path) -> Non
     print(f"ood auroc {auroc:.3f}")
     assert auroc > 0.7, auroc
     assert cli.model.last_metrics["test"]["ood_auroc"] == pytest.approx(auroc, abs=1e-4)
+
+
+def test_checkpoint_loads_with_other_neighbour_views_and_ood_neighbours(tmp_path: Path) -> None:
+    """The CLI builds the model from the checkpoint's hyperparameters; a checkpoint from before
+    neighbour views and the k-NN score has none, so the config's values apply. Its state then
+    loads strictly into a model with neighbour views (no projection head in it) and another
+    ``ood_neighbours`` (the bank and scales are emptied, to be recomputed), and one trained with
+    neighbour views loads into a model without them."""
+    from clusterlight.methods import DebiasedClustering
+
+    common = METHOD_ARGS["DebiasedClustering"] + data_args("digits", max_samples=300) + base_args(tmp_path, epochs=2)
+    plain = main(["fit", *common, "--model.ood_neighbours=[1, 2, 4]"])
+    state = torch.load(plain.trainer.checkpoint_callback.last_model_path, map_location="cpu",
+                       weights_only=False)["state_dict"]
+    assert state["ood_scale"].shape == (3, 10) and "projector.net.0.weight" not in state
+    small = {"num_clusters": 10, "input_shape": (1, 8, 8), "widths": [16, 32], "latent_dim": 8, "cluster_dim": 4,
+             "head_hidden": [16]}
+    with_views = DebiasedClustering(**small, neighbours=5, ood_neighbours=[1, 2])
+    init_head = {k: v.clone() for k, v in with_views.projector.state_dict().items()}
+    with_views.load_state_dict(state)  # strict
+    assert with_views.ood_bank.shape[0] == 0 and with_views.ood_scale.shape == (2, 10)  # to be recomputed
+    assert all(torch.equal(v, with_views.projector.state_dict()[k]) for k, v in init_head.items())
+    assert torch.equal(with_views.spb_c.count, state["spb_c.count"])
+    same_ks = DebiasedClustering(**small, ood_neighbours=[1, 2, 4])
+    same_ks.load_state_dict(state)
+    assert torch.equal(same_ks.ood_bank, state["ood_bank"])  # same list: the saved bank is kept
+    state_b = with_views.state_dict()
+    assert "projector.net.0.weight" in state_b
+    DebiasedClustering(**small, ood_neighbours=[1, 2]).load_state_dict(state_b)  # strict, head dropped

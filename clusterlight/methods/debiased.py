@@ -132,10 +132,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        (each cluster weighs the same, so head classes do not set the scale).
     5. *Neighbour views* (``neighbours: k``; off by default, the configs set 10, COIL-20's 5).
        Without augmentation an autoencoder's features follow pixel reconstruction only. With
-       ``neighbours`` each training
-       image is paired with one of its ``k`` nearest training images in pixel space (the table of
-       :class:`~clusterlight.methods.neighbours.PixelNeighbours`, as in online hard clustering),
-       and ``R`` also minimises the NT-Xent loss (:func:`~clusterlight.nn.contrastive.nt_xent`,
+       ``neighbours`` each training image is paired with one of its ``k`` nearest training images
+       in pixel space (the table of :class:`~clusterlight.methods.neighbours.PixelNeighbours`, as
+       in online hard clustering), and ``R`` also minimises the NT-Xent loss (:func:`~clusterlight.nn.contrastive.nt_xent`,
        ``contrast_weight``, ``contrast_temperature``) between the projections of the pairs over
        the global batch; each step then encodes twice as many images.
 
@@ -361,11 +360,12 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         """
         dist = knn_graph(z_r, self._ks(len(z_r))[-1])[1].clamp_min(0.0).sqrt()  # (N, k_max), increasing
         kth = dist[:, [k - 1 for k in self._ks(len(z_r))]]  # (N, len(ood_neighbours))
-        overall = _median(kth)
+        overall = _median(kth).clamp_min(1e-12)
         scale = torch.stack([_median(kth[cluster == c]) if int((cluster == c).sum()) > 0 else overall
                              for c in range(self.num_clusters)], 1)  # (len(ood_neighbours), K)
         self.ood_bank = z_r.detach().float().clone()
-        self.ood_scale = scale.clamp_min(1e-12).float()
+        # a cluster of (near-)duplicates has a median distance of about 0: floor it relative to the data
+        self.ood_scale = torch.maximum(scale, 1e-3 * overall[:, None]).float()
         self.ood_train_scores = self._scaled_log_distances(kth, cluster)
 
     def _ks(self, n_train: int) -> list[int]:
@@ -373,8 +373,8 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         return [max(1, min(k, n_train - 1)) for k in self.ood_neighbours]
 
     def _scaled_log_distances(self, kth: Tensor, cluster: Tensor) -> Tensor:
-        """Mean over the ``k`` of ``log(d_k / scale_k[cluster])``."""
-        return (kth.clamp_min(1e-12) / self.ood_scale[:, cluster].T).log().mean(1)
+        """Mean over the ``k`` of ``log(d_k / scale_k[cluster])``, each ratio floored at 1e-3."""
+        return (kth / self.ood_scale[:, cluster].T).clamp_min(1e-3).log().mean(1)
 
     @float32_math
     def _knn_scores(self, z_r: Tensor, cluster: Tensor) -> Tensor:
@@ -392,8 +392,24 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             return z.new_zeros(0)
         ks = self._ks(bank.shape[0])
         cols = torch.tensor([k - 1 for k in ks], device=z.device)
-        kth = torch.cat([torch.cdist(z[i:i + 512], bank).topk(ks[-1], dim=1, largest=False).values
-                         for i in range(0, len(z), 512)])[:, cols]
+        # centred on the bank's mean: cdist's matmul expansion loses precision far from the origin
+        centre = bank.mean(0)
+        bank, z = bank - centre, z - centre
+        top = min(ks[-1] + 1, bank.shape[0])
+        parts = []
+        for i in range(0, len(z), 512):
+            q = z[i:i + 512]
+            idx = torch.cdist(q, bank).topk(top, dim=1, largest=False).indices
+            # the candidates' distances again, exactly (cdist's matmul expansion leaves ~1e-3 on a self-match)
+            parts.append((q[:, None, :] - bank[idx]).pow(2).sum(2).sqrt().sort(dim=1).values)
+        dist = torch.cat(parts)
+        # a query that is itself a training sample (eval_on: all, predicting the training split)
+        # finds itself at distance ~0: skip that match, as its training score does
+        own = dist[:, 0] <= 1e-4 * self.ood_scale[0].min()
+        if top > ks[-1]:
+            kth = torch.where(own[:, None], dist[:, cols + 1], dist[:, cols])
+        else:
+            kth = dist[:, cols]
         return self._scaled_log_distances(kth, cluster)
 
     def _ood_scores(self, z_r: Tensor, z_c: Tensor, log_q: Tensor, maha: Tensor) -> Tensor:
@@ -465,7 +481,8 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             z_r, recon, contrast = self._represent(images, index, batch_idx)
             recon_loss = F.mse_loss(recon.float(), images.float())
             self._step(opt_r, recon_loss + self.contrast_weight * contrast + self._touch(self.clustering))
-            return {"loss": recon_loss.detach(), "recon": recon_loss.detach(), "contrast": contrast.detach()}
+            return {"loss": (recon_loss + self.contrast_weight * contrast).detach(), "recon": recon_loss.detach(),
+                    "contrast": contrast.detach()}
 
         # R step: reconstruction weighted by the cardinality of each sample's current cluster,
         # plus the neighbour contrast (with ``neighbours``).
@@ -499,7 +516,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         # SPB updates (all-reduced under DDP): soft assignments, like an online EM M-step.
         self.spb_r.update(z_r.detach(), q.detach())
         self.spb_c.update(z_c.detach(), q.detach())
-        return {"loss": (recon_loss + cluster_loss).detach(), "recon": recon_loss.detach(), "contrast": contrast.detach(),
+        return {"loss": (recon_loss + self.contrast_weight * contrast + cluster_loss).detach(), "recon": recon_loss.detach(), "contrast": contrast.detach(),
                 "cluster_loss": cluster_loss.detach(), "embed_loss": embed_loss.detach(),
                 "nonempty_clusters": (q.argmax(1).bincount(minlength=self.num_clusters) > 0).sum().float()}
 
@@ -535,6 +552,19 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if not any(key in state_dict for key in ood_keys):
             for name, buf in self.spb_ood.named_buffers():
                 state_dict[prefix + "spb_ood." + name] = torch.zeros_like(buf)
+        # a checkpoint trained without neighbour views has no projection head: it only serves
+        # training, so keep this model's initial one (a fit resumed from it trains it from there)
+        if self.projector is not None and not any(key.startswith(prefix + "projector.") for key in state_dict):
+            for name, value in self.projector.state_dict().items():
+                state_dict[prefix + "projector." + name] = value.clone()
+        if self.projector is None:  # and one trained with them, loaded without: the head is not needed
+            for key in [key for key in state_dict if key.startswith(prefix + "projector.")]:
+                del state_dict[key]
+        # other ood_neighbours than the checkpoint's: the bank and scales are recomputed
+        saved_scale = state_dict.get(prefix + "ood_scale")
+        if saved_scale is not None and saved_scale.shape != self.ood_scale.shape:
+            for name in ("ood_bank", "ood_scale", "ood_train_scores"):
+                state_dict.pop(prefix + name, None)
         # checkpoints from before ood_score knn: an empty bank (refilled before the next evaluation)
         for name, empty in (("ood_bank", self.ood_bank.new_zeros((0, self.ood_bank.shape[1]))),
                             ("ood_scale", torch.ones_like(self.ood_scale)), ("ood_train_scores", self.ood_train_scores.new_zeros(0))):
