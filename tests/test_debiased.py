@@ -277,3 +277,21 @@ def test_checkpoint_loads_with_other_neighbour_views_and_ood_neighbours(tmp_path
     state_b = with_views.state_dict()
     assert "projector.net.0.weight" in state_b
     DebiasedClustering(**small, ood_neighbours=[1, 2]).load_state_dict(state_b)  # strict, head dropped
+
+
+def test_reject_quantile_leaves_that_share_of_training_images_unassigned(tmp_path: Path) -> None:
+    """``reject_quantile: 0.8`` with the k-NN score: the threshold is the 0.8 quantile of the training
+    scores, so scoring the training images again (each skips its own match in the bank) leaves
+    about a fifth of them unassigned (cluster -1) -- not none, as a self-match would."""
+    args = [*METHOD_ARGS["DebiasedClustering"], "--model.ood_score=knn", "--model.ood_neighbours=[1, 4, 16]",
+            "--model.reject_quantile=0.8", *data_args("digits", max_samples=300), *base_args(tmp_path, epochs=3)]
+    cli = main(["fit", *args])
+    train = cli.datamodule.train_dataset
+    x = torch.stack([train[i]["image"] for i in range(len(train))])
+    cli.model.eval()
+    with torch.no_grad():
+        out = cli.model.cluster_outputs(x)
+    rejected = float((out.cluster == -1).float().mean())
+    assert float(cli.model.reject_threshold) == pytest.approx(
+        float(np.quantile(out.ood_score.numpy(), 0.8)), rel=1e-4, abs=1e-5)
+    assert 0.15 <= rejected <= 0.21, rejected

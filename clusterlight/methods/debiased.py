@@ -261,6 +261,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self.register_buffer("ood_bank", torch.zeros(0, latent_dim))
         self.register_buffer("ood_scale", torch.ones(len(self.ood_neighbours), k))
         self.register_buffer("ood_train_scores", torch.zeros(0))
+        self._ood_fit_step: int | None = None  # training step at which the OOD statistics were fitted
         self.pretrain_epochs = pretrain_epochs
         self.target_power = target_power
         self.debias_strength = debias_strength
@@ -349,6 +350,10 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self.spb_ood.reset_from(z_r, resp)
         if self.ood_score_kind == "knn":
             self._fit_knn_bank(z_r, resp.argmax(1))
+        self._ood_fit_step = self._step_now()
+
+    def _step_now(self) -> int | None:
+        return int(self.global_step) if self._trainer is not None else None
 
     def _fit_knn_bank(self, z_r: Tensor, cluster: Tensor) -> None:
         """The bank of training features and the clusters' scales for ``ood_score: knn``.
@@ -532,13 +537,13 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             rank_zero_info(f"DebiasedClustering: clustering starts at epoch {self.current_epoch}")
 
     def on_train_epoch_end(self) -> None:
+        if bool(self.clustering_started) and self.reject_quantile is not None:
+            self._set_reject_threshold()
         schedulers = self.lr_schedulers()
         if schedulers is None:
             return
         for sch in schedulers if isinstance(schedulers, list) else [schedulers]:
             sch.step()
-        if bool(self.clustering_started) and self.reject_quantile is not None:
-            self._set_reject_threshold()
 
     def _adapt_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         # the target has one row per training sample: take the checkpoint's size before loading it
@@ -642,7 +647,10 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
 
     def _set_reject_threshold(self) -> None:
         if self.ood_score_kind == "knn":
-            self._fit_ood_statistics()  # the bank of the current weights; training scores exclude each sample itself
+            # the bank of the current weights (validation refits it at the same step: reuse that);
+            # the training scores exclude each sample itself
+            if self.ood_bank.shape[0] == 0 or self._ood_fit_step != self._step_now():
+                self._fit_ood_statistics()
             scores = self.ood_train_scores
         else:
             scores = self.compute_on_split(lambda x: self._outputs(x).ood_score)
