@@ -1,4 +1,4 @@
-"""NT-Xent against a naive per-row computation, and the flagship's neighbour views."""
+"""NT-Xent (the flagship's neighbour-view loss) against a naive per-row computation."""
 
 from __future__ import annotations
 

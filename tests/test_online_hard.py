@@ -321,4 +321,3 @@ def test_neighbours_bad_values_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(ClusterlightError, match=r"neighbours must be below the number of training images \(\d+\), got 100"):
         main(args)
     assert not (tmp_path / "runs").exists()
-

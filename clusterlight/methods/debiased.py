@@ -363,8 +363,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         sample (themselves excluded); an empty cluster takes the median over all. Every rank
         computes the same values from the same whole-split tensors.
         """
-        dist = knn_graph(z_r, self._ks(len(z_r))[-1])[1].clamp_min(0.0).sqrt()  # (N, k_max), increasing
-        kth = dist[:, [k - 1 for k in self._ks(len(z_r))]]  # (N, len(ood_neighbours))
+        ks = self._ks(len(z_r))
+        dist = knn_graph(z_r, ks[-1])[1].clamp_min(0.0).sqrt()  # (N, k_max), increasing
+        kth = dist[:, [k - 1 for k in ks]]  # (N, len(ood_neighbours))
         overall = _median(kth).clamp_min(1e-12)
         scale = torch.stack([_median(kth[cluster == c]) if int((cluster == c).sum()) > 0 else overall
                              for c in range(self.num_clusters)], 1)  # (len(ood_neighbours), K)
@@ -429,17 +430,13 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             return -torch.logsumexp(log_lik + prior.log(), dim=1)
         return maha.min(dim=1).values / z_c.shape[1]
 
-    def _touch(self, module: torch.nn.Module) -> Tensor:
-        """Zero that depends on every parameter of ``module`` (DDP then needs no unused-parameter search)."""
-        return sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
+    def _touch(self, *modules: torch.nn.Module) -> Tensor:
+        """Zero that depends on every parameter of ``modules`` (DDP then needs no unused-parameter search)."""
+        return sum(p.sum() for m in modules for p in m.parameters() if p.requires_grad) * 0.0
 
-    def _r_parameters(self) -> list[torch.nn.Parameter]:
-        """``R``'s parameters: the autoencoder and, with neighbour views, its projection head."""
-        extra = list(self.projector.parameters()) if self.projector is not None else []
-        return list(self.representation.parameters()) + extra
-
-    def _touch_r(self) -> Tensor:
-        return sum(p.sum() for p in self._r_parameters() if p.requires_grad) * 0.0
+    def _r_modules(self) -> list[torch.nn.Module]:
+        """``R``: the autoencoder and, with neighbour views, its projection head."""
+        return [self.representation] + ([self.projector] if self.projector is not None else [])
 
     def _represent(self, images: Tensor, index: Tensor, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
         """``R`` on a training batch: features, reconstruction and the neighbour-contrast loss.
@@ -460,7 +457,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
 
     # ------------------------------------------------------------------ hooks
     def configure_optimizers(self) -> Any:
-        opt_r = self.optimizer_factory(self._r_parameters())
+        opt_r = self.optimizer_factory([p for m in self._r_modules() for p in m.parameters()])
         opt_c = self.optimizer_c_factory(self.clustering.parameters())
         if self.lr_scheduler_factory is None:
             return [opt_r, opt_c]
@@ -516,19 +513,14 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                                  freq=self.global_batch_sum(q.detach().sum(0)))  # f of the global batch
         cluster_loss = (target * (target.clamp_min(1e-12).log() - log_q)).sum(1).mean()
         embed_loss = self._embedding_loss(z_c, index)
-        self._step(opt_c, cluster_loss + self.distill_weight * embed_loss + self._touch_r())
+        self._step(opt_c, cluster_loss + self.distill_weight * embed_loss + self._touch(*self._r_modules()))
 
         # SPB updates (all-reduced under DDP): soft assignments, like an online EM M-step.
         self.spb_r.update(z_r.detach(), q.detach())
         self.spb_c.update(z_c.detach(), q.detach())
-        return {"loss": (recon_loss + self.contrast_weight * contrast + cluster_loss).detach(), "recon": recon_loss.detach(), "contrast": contrast.detach(),
-                "cluster_loss": cluster_loss.detach(), "embed_loss": embed_loss.detach(),
+        return {"loss": (recon_loss + self.contrast_weight * contrast + cluster_loss).detach(),
+                "recon": recon_loss.detach(), "contrast": contrast.detach(), "cluster_loss": cluster_loss.detach(), "embed_loss": embed_loss.detach(),
                 "nonempty_clusters": (q.argmax(1).bincount(minlength=self.num_clusters) > 0).sum().float()}
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        if self.neighbours > 0:
-            self._fit_neighbours()
 
     def on_train_epoch_start(self) -> None:
         if not self.pretraining and not bool(self.clustering_started):

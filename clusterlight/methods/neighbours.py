@@ -45,6 +45,11 @@ class PixelNeighbours:
         if self.neighbours and self.neighbours >= n:
             raise ClusterlightError(f"neighbours must be below the number of training images ({n}), got {self.neighbours}")
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()  # type: ignore[misc]
+        if self.neighbours > 0:
+            self._fit_neighbours()
+
     def _fit_neighbours(self) -> None:
         """The pixel-space kNN table of the training split (rank 0, broadcast); every rank calls this."""
         dm = self._datamodule()

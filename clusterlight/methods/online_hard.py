@@ -266,9 +266,7 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         return bool(self.centroids_initialised)
 
     def on_fit_start(self) -> None:
-        super().on_fit_start()
-        if self.neighbours > 0:
-            self._fit_neighbours()
+        super().on_fit_start()  # with neighbours: the pixel-space table (PixelNeighbours)
         if not self.clusters_ready():
             self.refresh_clusters()
 
