@@ -228,7 +228,7 @@ def run_grid(a: argparse.Namespace) -> int:
     t_grid = time.time()
     for i, (m, d, s, seed) in enumerate(todo, 1):
         name = f"{m}-{a.variant}" if a.variant else m
-        root = Path(a.runs) / a.budget / f"{name}-{d}-{s}-seed{seed}"
+        root = Path(a.runs).resolve() / a.budget / f"{name}-{d}-{s}-seed{seed}"  # the child runs in the repository
         args = run_args(m, d, s, seed, a.budget, root, a.override)
         result = root / "result.json"
         root.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,20 @@ def test_grid_appends_one_record_per_run_and_resumes(tmp_path, monkeypatch) -> N
     assert again[2]["config_hash"] == again[0]["config_hash"] != again[1]["config_hash"]
 
 
+def test_relative_runs_folder_works_from_another_directory(tmp_path, monkeypatch) -> None:
+    """``--runs`` relative to the caller's directory: the child fit runs in the repository, and
+    its result is still found (it used to be written under the repository and the run counted as failed)."""
+    monkeypatch.setitem(bench.FAST["ae_kmeans"], "digits",
+                        ["--trainer.max_epochs=1", "--data.init_args.max_samples=300", "--data.init_args.batch_size=32",
+                         "--model.init_args.kmeans_n_init=1"])
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--methods", "ae_kmeans", "--datasets", "digits", "--splits", "balanced", "--seeds", "0",
+            "--out", "records.jsonl", "--runs", "my_runs"]
+    assert bench.main(argv) == 0
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 1
+    assert (tmp_path / "my_runs" / "fast" / "ae_kmeans-digits-balanced-seed0" / "result.json").is_file()
+
+
 def test_readme_report_replaces_only_between_markers(tmp_path) -> None:
     results = tmp_path / "r.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in _records()))

@@ -295,3 +295,29 @@ def test_reject_quantile_leaves_that_share_of_training_images_unassigned(tmp_pat
     assert float(cli.model.reject_threshold) == pytest.approx(
         float(np.quantile(out.ood_score.numpy(), 0.8)), rel=1e-4, abs=1e-5)
     assert 0.15 <= rejected <= 0.21, rejected
+
+
+def test_gmm_partition_keeps_a_small_tight_cluster_next_to_long_ones() -> None:
+    """``init_partition: gmm`` finds two long clusters and a small tight one (the generating labels
+    are the reference), where k-means (scikit-learn) cuts a long one in two instead."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    from clusterlight.methods import DebiasedClustering
+
+    rng = np.random.default_rng(3)
+    long_a = rng.normal(size=(600, 2)) * [8.0, 0.3]
+    long_b = rng.normal(size=(600, 2)) * [8.0, 0.3] + [0.0, 6.0]
+    small = rng.normal(size=(60, 2)) * 0.2 + [0.0, 12.0]
+    x = np.concatenate([long_a, long_b, small])
+    truth = np.repeat([0, 1, 2], [600, 600, 60])
+    model = DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), latent_dim=4, widths=[8, 8])
+    assert model.init_partition == "gmm"
+    resp = model._full_gmm_partition(torch.as_tensor(x, dtype=torch.float32)).numpy()
+    assert resp.shape == (1260, 3)
+    np.testing.assert_allclose(resp.sum(1), 1.0, rtol=1e-5)
+    assert adjusted_rand_score(truth, resp.argmax(1)) == pytest.approx(1.0)
+    kmeans_labels = KMeans(3, n_init=10, random_state=0).fit_predict(x)
+    assert adjusted_rand_score(truth, kmeans_labels) < 0.8
+    with pytest.raises(ValueError, match="init_partition"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), init_partition="hdbscan")

@@ -17,7 +17,10 @@ ACC (AEKMeans) and 0.062 NMI (SPC). The fp32 runs of different seeds differ from
 much (NMI range over the three seeds: up to 0.25 for SPC, ACC range up to 0.17 for JULE): bf16
 perturbs a run about as much as another seed does. Hence, per pair of runs,
 ``|ΔNMI| <= 0.1`` and ``|ΔACC| <= 0.2`` (ACC moves in steps of a whole cluster under Hungarian
-matching), and ``0.2`` / ``0.2`` for SPC (two members, UMAP + a Gaussian mixture on 360 points).
+matching), and ``0.2`` / ``0.2`` for SPC (two members, UMAP + a Gaussian mixture on 360 points)
+and for DebiasedClustering since its initial partition is a full-covariance Gaussian mixture on
+UMAP (``init_partition: gmm``): its pairs differed by 0.008, 0.083 and 0.132 in NMI (seeds 7, 8,
+9; 0.111 for seed 7 inside the test session), its fp32 runs by 0.19-0.36 NMI between seeds.
 The slow test compares means over three seeds on the whole of ``digits`` (5 epochs), where the
 methods cluster for real (fp32 NMI 0.18-0.79): ``|mean ΔNMI| <= 0.1`` and ``|mean ΔACC| <= 0.1``
 (measured: at most 0.064 and 0.048). It leaves SPC out: its UMAP labelling makes those six runs
@@ -64,7 +67,8 @@ PRECISION_ARGS: dict[str, list[str]] = {
                                      "--model.centroid_init=kmeans", "--model.kmeans_n_init=1"],
 }
 #: Largest allowed |bf16 - fp32| of one pair of short runs: (NMI, ACC). See the module docstring.
-TOLERANCE = {"default": (0.1, 0.2), "SPC": (0.2, 0.2)}
+TOLERANCE = {"default": (0.1, 0.2), "SPC": (0.2, 0.2), "DebiasedClustering": (0.2, 0.2),
+             "DebiasedClustering-neighbours": (0.2, 0.2)}
 #: Largest allowed |mean bf16 - mean fp32| over three seeds (slow test): (NMI, ACC).
 MEAN_TOLERANCE = (0.1, 0.1)
 

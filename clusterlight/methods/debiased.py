@@ -71,6 +71,7 @@ def _median(x: Tensor) -> Tensor:
 
 
 OOD_SCORES = ("knn", "full_mahalanobis", "mahalanobis", "nll")
+INIT_PARTITIONS = ("gmm", "kmeans")
 
 
 class DebiasedClustering(PixelNeighbours, ClusteringModule):
@@ -99,10 +100,13 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
 
     1. *Clusters as a mixture* (``C``): the assignment is the mixture posterior with the SPB's
        per-cluster mean, variance and cardinality prior, so it weighs each cluster's spread and
-       size instead of the distance to a centre; the mixture starts from data statistics (k-means
-       on the clustering space of the whole training split, refined by ``gmm_iters`` EM
-       iterations of a diagonal Gaussian mixture, so a small tight cluster keeps its points next
-       to a big spread one), never from random centres.
+       size instead of the distance to a centre; the mixture starts from data statistics, never
+       from random centres: a full-covariance Gaussian mixture fitted to the clustering space of
+       the whole training split (``init_partition: gmm``; the best likelihood of
+       ``2 * kmeans_n_init`` starts, a label-free choice), so a small tight cluster keeps its points
+       next to a big spread one and an elongated class is not cut in two the way k-means cuts it
+       (USPS, ``fast`` budget: ACC 0.847 +- 0.010 over three seeds against 0.766 +- 0.067 with
+       k-means and a diagonal EM, ``init_partition: kmeans``; README, Results).
     2. *Debiased target* (``C``): ``p ~ q^2 * pi / f`` (see :func:`debiased_target`): DEC's
        ``q^2 / f`` forces equal cluster sizes, plain ``q^2`` lets big clusters absorb small ones;
        the running cardinality ``pi`` cancels the balancing push without adding a rich-get-richer
@@ -170,7 +174,12 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         distill_epochs: passes over the training split that fit ``C`` to the UMAP embedding when
             clustering starts.
         distill_weight: weight of ``C``'s embedding loss (distance to the UMAP target) during co-training.
-        gmm_iters: EM iterations of the diagonal mixture fitted to the initial partition (0: k-means only).
+        gmm_iters: with ``init_partition: kmeans``, EM iterations of the diagonal mixture fitted to
+            the k-means partition (0: k-means only).
+        init_partition: the initial partition of the clustering space: ``gmm`` (a full-covariance
+            Gaussian mixture, the best likelihood of ``kmeans_n_init`` starts from k-means and as many
+            from k-means++) or ``kmeans``
+            (``kmeans_n_init`` restarts, then ``gmm_iters`` of diagonal EM; the earlier default).
         use_variance: use the pooled variances (``false``: unit variances).
         use_cardinality: use the pooled cardinalities (``false``: uniform prior, DEC target).
         cotrain: keep training ``R`` during clustering (``false``: ``C`` alone on a frozen ``R``).
@@ -183,7 +192,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             capped at the number of training images minus one).
         reject_quantile: leave unassigned the samples whose OOD score is above this quantile of
             the training scores (``null``: assign every sample).
-        kmeans_n_init: k-means restarts for the initial partition.
+        kmeans_n_init: starts of the initial partition (mixture fits or k-means restarts).
         kmeans_seed: seed of k-means' own generator.
         neighbours: ``0`` (off) or ``k``: pair each training image with one of its ``k`` nearest
             training images in pixel space for ``R``'s contrastive loss (item 5).
@@ -223,6 +232,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         distill_epochs: int = 20,
         distill_weight: float = 1.0,
         gmm_iters: int = 100,
+        init_partition: Literal["gmm", "kmeans"] = "gmm",
         neighbours: int = 0,
         contrast_weight: float = 1.0,
         contrast_temperature: float = 0.5,
@@ -282,6 +292,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self.distill_epochs = distill_epochs
         self.distill_weight = distill_weight
         self.gmm_iters = gmm_iters
+        if init_partition not in INIT_PARTITIONS:
+            raise ValueError(f"init_partition must be one of {', '.join(INIT_PARTITIONS)}, got {init_partition!r}")
+        self.init_partition = init_partition
         if contrast_weight < 0 or not contrast_temperature > 0 or projection_dim < 1:
             raise ValueError("contrast_weight must be >= 0, contrast_temperature > 0 and projection_dim >= 1")
         # neighbour views for R (pixel-space kNN table, recomputed at every fit start)
@@ -600,10 +613,13 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             space = self.manifold_target
         resp = None
         if self.trainer.is_global_zero:
-            labels = kmeans(space, self.num_clusters, n_init=self.kmeans_n_init, seed=self.kmeans_seed).labels
-            resp = one_hot(labels, self.num_clusters).to(space.device)
-            if self.gmm_iters > 0 and not monitor_only:
-                resp = diag_gmm_em(space, resp, iters=self.gmm_iters)[0]
+            if self.init_partition == "gmm" and not monitor_only:
+                resp = self._full_gmm_partition(space)
+            else:
+                labels = kmeans(space, self.num_clusters, n_init=self.kmeans_n_init, seed=self.kmeans_seed).labels
+                resp = one_hot(labels, self.num_clusters).to(space.device)
+                if self.gmm_iters > 0 and not monitor_only:
+                    resp = diag_gmm_em(space, resp, iters=self.gmm_iters)[0]
         resp = self.broadcast_tensor(resp)
         self.spb_r.reset_from(z_r, resp)
         if manifold:
@@ -612,6 +628,30 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self.spb_c.reset_from(z_c, resp)
         if not monitor_only:
             self._fit_ood_statistics(z_r)  # R is unchanged since z_r was computed
+
+    def _full_gmm_partition(self, space: Tensor) -> Tensor:
+        """Responsibilities ``(N, K)`` of a full-covariance Gaussian mixture fitted to ``space``.
+
+        EM from ``kmeans_n_init`` k-means partitions and from as many k-means++ seedings
+        (scikit-learn, seeded by ``kmeans_seed``); the fit with the best likelihood is kept (a
+        label-free choice). Starts from k-means alone inherit its cuts: on two long clusters
+        beside a small one, every one of them splits a long cluster (see the tests).
+        """
+        import warnings
+
+        from sklearn.mixture import GaussianMixture
+
+        x = space.cpu().double().numpy()
+        best = None
+        with warnings.catch_warnings(), preserve_torch_threads():
+            warnings.simplefilter("ignore")  # convergence notices
+            for init in ("kmeans", "k-means++"):
+                gmm = GaussianMixture(self.num_clusters, covariance_type="full", n_init=self.kmeans_n_init,
+                                      init_params=init, random_state=self.kmeans_seed, reg_covar=1e-5).fit(x)
+                if best is None or gmm.lower_bound_ > best.lower_bound_:
+                    best = gmm
+            resp = best.predict_proba(x)
+        return torch.from_numpy(resp).float().to(space.device)
 
     @torch.enable_grad()
     def _distill(self, z_r: Tensor, target: Tensor) -> None:
