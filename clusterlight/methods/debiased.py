@@ -105,7 +105,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        the whole training split (``init_partition: gmm``; the best likelihood of
        ``2 * kmeans_n_init`` starts, a label-free choice), so a small tight cluster keeps its points
        next to a big spread one and an elongated class is not cut in two the way k-means cuts it
-       (USPS, ``fast`` budget: ACC 0.847 +- 0.010 over three seeds against 0.766 +- 0.067 with
+       (USPS, ``fast`` budget: ACC 0.846 +- 0.009 over three seeds against 0.766 +- 0.067 with
        k-means and a diagonal EM, ``init_partition: kmeans``; README, Results).
     2. *Debiased target* (``C``): ``p ~ q^2 * pi / f`` (see :func:`debiased_target`): DEC's
        ``q^2 / f`` forces equal cluster sizes, plain ``q^2`` lets big clusters absorb small ones;
