@@ -214,7 +214,7 @@ def run_grid(a: argparse.Namespace) -> int:
     todo = [g for g in grid if (g[0], a.variant, *g[1:], a.budget) not in done]
     if a.override:  # an unknown or mistyped option: one line now, not a failure per run
         for m, d in sorted({(g[0], g[1]) for g in todo}):
-            args = run_args(m, d, "balanced", 0, a.budget, Path(a.runs) / "check", a.override)
+            args = run_args(m, d, "balanced", 0, a.budget, Path(a.runs).resolve() / "check", a.override)
             proc = subprocess.run([sys.executable, "-m", "clusterlight", *args, "--print_config"], capture_output=True,
                                   text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
             if proc.returncode != 0:

@@ -190,7 +190,10 @@ def test_debiased_target() -> None:
 @pytest.mark.parametrize("knn", [False, True], ids=["full_mahalanobis", "knn"])
 def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path, knn: bool) -> None:
     common = METHOD_ARGS["DebiasedClustering"] + data_args("digits", max_samples=400) + base_args(tmp_path, epochs=2)
-    common += ["--model.ood_score=knn", "--model.ood_neighbours=[1, 4, 16]"] if knn else ["--model.ood_score=full_mahalanobis"]
+    # the two initial partitions end to end: the mixture on R's own features (manifold none) and
+    # the earlier k-means + diagonal EM on the UMAP space
+    common += ["--model.ood_score=knn", "--model.ood_neighbours=[1, 4, 16]", "--model.manifold=none"] if knn \
+        else ["--model.ood_score=full_mahalanobis", "--model.init_partition=kmeans"]
     fit = main(["fit", *common])
     ckpt = fit.trainer.checkpoint_callback.last_model_path
     assert bool(fit.model.spb_c.initialised) and float(fit.model.spb_c.count.sum()) > 0
@@ -302,6 +305,7 @@ def test_gmm_partition_keeps_a_small_tight_cluster_next_to_long_ones() -> None:
     are the reference), where k-means (scikit-learn) cuts a long one in two instead."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
+    from sklearn.mixture import GaussianMixture
 
     from clusterlight.methods import DebiasedClustering
 
@@ -319,5 +323,15 @@ def test_gmm_partition_keeps_a_small_tight_cluster_next_to_long_ones() -> None:
     assert adjusted_rand_score(truth, resp.argmax(1)) == pytest.approx(1.0)
     kmeans_labels = KMeans(3, n_init=10, random_state=0).fit_predict(x)
     assert adjusted_rand_score(truth, kmeans_labels) < 0.8
+    # the kept fit is the better-likelihood one of the two kinds of starts (naive reference)
+    fits = [GaussianMixture(3, covariance_type="full", n_init=model.kmeans_n_init, init_params=init,
+                            random_state=model.kmeans_seed, reg_covar=1e-5).fit(x) for init in ("kmeans", "k-means++")]
+    assert fits[0].lower_bound_ < fits[1].lower_bound_  # here the k-means starts are the worse ones
+    np.testing.assert_allclose(resp, fits[1].predict_proba(x), atol=1e-5)
     with pytest.raises(ValueError, match="init_partition"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), init_partition="hdbscan")
+    with pytest.raises(ValueError, match="gmm_iters"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), gmm_iters=0)
+    with pytest.raises(ValueError, match="kmeans_n_init"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), kmeans_n_init=0)
+    DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), init_partition="kmeans", gmm_iters=0)  # k-means only

@@ -174,8 +174,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         distill_epochs: passes over the training split that fit ``C`` to the UMAP embedding when
             clustering starts.
         distill_weight: weight of ``C``'s embedding loss (distance to the UMAP target) during co-training.
-        gmm_iters: with ``init_partition: kmeans``, EM iterations of the diagonal mixture fitted to
-            the k-means partition (0: k-means only).
+        gmm_iters: EM iterations: at most this many per start of the full-covariance mixture
+            (``init_partition: gmm``, at least 1), or of the diagonal mixture fitted to the k-means
+            partition (``kmeans``; 0: k-means only).
         init_partition: the initial partition of the clustering space: ``gmm`` (a full-covariance
             Gaussian mixture, the best likelihood of ``kmeans_n_init`` starts from k-means and as many
             from k-means++) or ``kmeans``
@@ -193,7 +194,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         reject_quantile: leave unassigned the samples whose OOD score is above this quantile of
             the training scores (``null``: assign every sample).
         kmeans_n_init: starts of the initial partition (mixture fits or k-means restarts).
-        kmeans_seed: seed of k-means' own generator.
+        kmeans_seed: seed of the initial partition (k-means' own generator, the mixture's starts) and of UMAP.
         neighbours: ``0`` (off) or ``k``: pair each training image with one of its ``k`` nearest
             training images in pixel space for ``R``'s contrastive loss (item 5).
         contrast_weight: weight of the neighbour-pair NT-Xent loss in ``R``'s loss.
@@ -294,6 +295,10 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self.gmm_iters = gmm_iters
         if init_partition not in INIT_PARTITIONS:
             raise ValueError(f"init_partition must be one of {', '.join(INIT_PARTITIONS)}, got {init_partition!r}")
+        if init_partition == "gmm" and gmm_iters < 1:
+            raise ValueError(f"init_partition gmm needs gmm_iters >= 1 (EM iterations per start), got {gmm_iters}")
+        if isinstance(kmeans_n_init, bool) or not isinstance(kmeans_n_init, int) or kmeans_n_init < 1:
+            raise ValueError(f"kmeans_n_init must be a positive integer, got {kmeans_n_init!r}")
         self.init_partition = init_partition
         if contrast_weight < 0 or not contrast_temperature > 0 or projection_dim < 1:
             raise ValueError("contrast_weight must be >= 0, contrast_temperature > 0 and projection_dim >= 1")
@@ -592,10 +597,12 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         """The mixture's start, from data statistics of the whole training split.
 
         ``manifold: umap``: UMAP of ``R``'s features (rank 0, broadcast) gives the target
-        embedding; k-means on it, refined by a diagonal-Gaussian EM, gives the initial
-        responsibilities; ``C`` is fitted to embed ``R``'s features as the target. ``none``:
-        k-means (and the EM) on ``R``'s features. Both SPBs are set from these responsibilities.
-        ``monitor_only`` (validations during pretraining): k-means on ``R``'s features, no UMAP.
+        embedding; the initial partition of it (``init_partition``: a full-covariance mixture, or
+        k-means refined by a diagonal-Gaussian EM; rank 0, broadcast) gives the initial
+        responsibilities; ``C`` is fitted to embed ``R``'s features as the target. ``none``: the
+        same partition of ``R``'s features (standardised for the mixture). Both SPBs are set from
+        these responsibilities. ``monitor_only`` (validations during pretraining): k-means on
+        ``R``'s features, no UMAP.
         """
         z_r = self.compute_on_split(lambda x: self.representation.encode(x))
         space = z_r
@@ -611,9 +618,14 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                 target = (target - target.mean(0)) / target.std(0).clamp_min(1e-6)
             self.manifold_target = self.broadcast_tensor(target).float()
             space = self.manifold_target
+        if space.shape[0] < self.num_clusters:  # every rank holds the whole split: all raise together
+            raise ValueError(f"the training split has {space.shape[0]} samples, fewer than num_clusters "
+                             f"({self.num_clusters})")
         resp = None
         if self.trainer.is_global_zero:
             if self.init_partition == "gmm" and not monitor_only:
+                if not manifold:  # R's features, unscaled: the mixture's reg_covar assumes unit scale
+                    space = (space - space.mean(0)) / space.std(0).clamp_min(1e-6)
                 resp = self._full_gmm_partition(space)
             else:
                 labels = kmeans(space, self.num_clusters, n_init=self.kmeans_n_init, seed=self.kmeans_seed).labels
@@ -637,20 +649,26 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         label-free choice). Starts from k-means alone inherit its cuts: on two long clusters
         beside a small one, every one of them splits a long cluster (see the tests).
         """
+        import time
         import warnings
 
+        from sklearn.exceptions import ConvergenceWarning
         from sklearn.mixture import GaussianMixture
 
         x = space.cpu().double().numpy()
         best = None
+        start = time.perf_counter()
         with warnings.catch_warnings(), preserve_torch_threads():
-            warnings.simplefilter("ignore")  # convergence notices
+            warnings.filterwarnings("ignore", category=ConvergenceWarning)
             for init in ("kmeans", "k-means++"):
                 gmm = GaussianMixture(self.num_clusters, covariance_type="full", n_init=self.kmeans_n_init,
-                                      init_params=init, random_state=self.kmeans_seed, reg_covar=1e-5).fit(x)
+                                      init_params=init, random_state=self.kmeans_seed, reg_covar=1e-5,
+                                      max_iter=self.gmm_iters).fit(x)
                 if best is None or gmm.lower_bound_ > best.lower_bound_:
                     best = gmm
             resp = best.predict_proba(x)
+        rank_zero_info(f"DebiasedClustering: initial partition, a full-covariance mixture on {x.shape[0]} x {x.shape[1]} "
+                       f"({2 * self.kmeans_n_init} starts, {time.perf_counter() - start:.1f} s)")
         return torch.from_numpy(resp).float().to(space.device)
 
     @torch.enable_grad()
