@@ -1,8 +1,12 @@
-"""A diagonal Gaussian mixture fitted by EM in torch (float32, any device, no global RNG).
+"""Gaussian mixtures for :class:`~clusterlight.methods.DebiasedClustering`'s initial partition.
 
-Used by :class:`~clusterlight.methods.DebiasedClustering` to turn a k-means partition into a
-mixture with per-cluster means, diagonal variances and weights (cardinalities): unlike k-means it
-lets a small, tight cluster keep its points next to a big, spread one.
+- :func:`diag_gmm_em` -- a diagonal mixture fitted by EM in torch (float32, any device, no global
+  RNG), from given responsibilities (``init_partition: kmeans``: a k-means partition).
+- :func:`full_gmm` -- a full-covariance mixture (scikit-learn, locally seeded), the best
+  likelihood of k-means and k-means++ starts (``init_partition: gmm``).
+
+Unlike k-means, a mixture with per-cluster means, covariances and weights (cardinalities) lets a
+small, tight cluster keep its points next to a big, spread one.
 """
 
 from __future__ import annotations
@@ -46,6 +50,34 @@ def diag_gmm_em(x: Tensor, resp: Tensor, iters: int = 100, reg: float = 1e-6,
             break
         prev = ll
     return resp, weights, means, variances
+
+
+def full_gmm(x: Tensor, k: int, n_init: int, seed: int, max_iter: int = 100, reg_covar: float = 1e-5) -> Tensor:
+    """Responsibilities ``(N, k)`` (float32, on ``x``'s device) of a full-covariance Gaussian mixture.
+
+    EM (scikit-learn, float64, at most ``max_iter`` iterations per start) from ``n_init`` k-means
+    partitions and from as many k-means++ seedings, seeded by ``seed``; the fit with the best
+    likelihood is kept (a label-free choice). Starts from k-means alone inherit its cuts: on two
+    long clusters beside a small one, every one of them splits a long cluster.
+    """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    from clusterlight.cluster.umap_hdbscan import preserve_torch_threads
+
+    data = x.detach().cpu().double().numpy()
+    best = None
+    with warnings.catch_warnings(), preserve_torch_threads():
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        for init in ("kmeans", "k-means++"):
+            gmm = GaussianMixture(k, covariance_type="full", n_init=n_init, init_params=init, random_state=seed,
+                                  reg_covar=reg_covar, max_iter=max_iter).fit(data)
+            if best is None or gmm.lower_bound_ > best.lower_bound_:
+                best = gmm
+        resp = best.predict_proba(data)
+    return torch.from_numpy(resp).float().to(x.device)
 
 
 def one_hot(labels: Tensor, k: int) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Any, Literal
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from clusterlight.cluster.agglomerative import knn_graph
 from clusterlight.cluster.kmeans import kmeans
-from clusterlight.cluster.mixture import diag_gmm_em, one_hot
+from clusterlight.cluster.mixture import diag_gmm_em, full_gmm, one_hot
 from clusterlight.cluster.umap_hdbscan import preserve_torch_threads, reduce_umap
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
 from clusterlight.methods.neighbours import PixelNeighbours
@@ -62,6 +63,11 @@ def debiased_target(q: Tensor, prior: Tensor | None, power: float = 2.0, freq: T
     if prior is not None:
         weight = weight * prior.float()
     return weight / weight.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def _standardise(x: Tensor) -> Tensor:
+    """Each column to mean 0 and standard deviation 1 (floored at 1e-6)."""
+    return (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
 
 
 def _median(x: Tensor) -> Tensor:
@@ -610,12 +616,12 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if manifold:
             target = None
             if self.trainer.is_global_zero:
-                x = (z_r - z_r.mean(0)) / z_r.std(0).clamp_min(1e-6)
+                x = _standardise(z_r)
                 with preserve_torch_threads():
                     u = reduce_umap(x.cpu().numpy(), self.umap_neighbors, seed=self.kmeans_seed,
                                     n_components=self.manifold_target.shape[1])
                 target = torch.from_numpy(u).float().to(self.device)
-                target = (target - target.mean(0)) / target.std(0).clamp_min(1e-6)
+                target = _standardise(target)
             self.manifold_target = self.broadcast_tensor(target).float()
             space = self.manifold_target
         if space.shape[0] < self.num_clusters:  # every rank holds the whole split: all raise together
@@ -625,7 +631,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if self.trainer.is_global_zero:
             if self.init_partition == "gmm" and not monitor_only:
                 if not manifold:  # R's features, unscaled: the mixture's reg_covar assumes unit scale
-                    space = (space - space.mean(0)) / space.std(0).clamp_min(1e-6)
+                    space = _standardise(space)
                 resp = self._full_gmm_partition(space)
             else:
                 labels = kmeans(space, self.num_clusters, n_init=self.kmeans_n_init, seed=self.kmeans_seed).labels
@@ -642,34 +648,12 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             self._fit_ood_statistics(z_r)  # R is unchanged since z_r was computed
 
     def _full_gmm_partition(self, space: Tensor) -> Tensor:
-        """Responsibilities ``(N, K)`` of a full-covariance Gaussian mixture fitted to ``space``.
-
-        EM from ``kmeans_n_init`` k-means partitions and from as many k-means++ seedings
-        (scikit-learn, seeded by ``kmeans_seed``); the fit with the best likelihood is kept (a
-        label-free choice). Starts from k-means alone inherit its cuts: on two long clusters
-        beside a small one, every one of them splits a long cluster (see the tests).
-        """
-        import time
-        import warnings
-
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.mixture import GaussianMixture
-
-        x = space.cpu().double().numpy()
-        best = None
+        """Responsibilities ``(N, K)`` of the full-covariance mixture on ``space`` (:func:`full_gmm`)."""
         start = time.perf_counter()
-        with warnings.catch_warnings(), preserve_torch_threads():
-            warnings.filterwarnings("ignore", category=ConvergenceWarning)
-            for init in ("kmeans", "k-means++"):
-                gmm = GaussianMixture(self.num_clusters, covariance_type="full", n_init=self.kmeans_n_init,
-                                      init_params=init, random_state=self.kmeans_seed, reg_covar=1e-5,
-                                      max_iter=self.gmm_iters).fit(x)
-                if best is None or gmm.lower_bound_ > best.lower_bound_:
-                    best = gmm
-            resp = best.predict_proba(x)
-        rank_zero_info(f"DebiasedClustering: initial partition, a full-covariance mixture on {x.shape[0]} x {x.shape[1]} "
-                       f"({2 * self.kmeans_n_init} starts, {time.perf_counter() - start:.1f} s)")
-        return torch.from_numpy(resp).float().to(space.device)
+        resp = full_gmm(space, self.num_clusters, self.kmeans_n_init, self.kmeans_seed, max_iter=self.gmm_iters)
+        rank_zero_info(f"DebiasedClustering: initial partition, a full-covariance mixture on {space.shape[0]} x "
+                       f"{space.shape[1]} ({2 * self.kmeans_n_init} starts, {time.perf_counter() - start:.1f} s)")
+        return resp
 
     @torch.enable_grad()
     def _distill(self, z_r: Tensor, target: Tensor) -> None:
