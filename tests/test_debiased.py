@@ -105,9 +105,11 @@ def test_feature_mahalanobis_ood_score_matches_scipy() -> None:
     np.testing.assert_allclose(got, np.min(dists, 0) / 5, rtol=1e-3)
 
 
-def test_knn_ood_score_matches_sklearn_neighbours() -> None:
-    """``ood_score: knn``: mean over k of log(k-th neighbour distance / its cluster's median), against
-    scikit-learn's NearestNeighbors and numpy medians."""
+@pytest.mark.parametrize("scaling", ["cluster", "global"])
+def test_knn_ood_score_matches_sklearn_neighbours(scaling: str) -> None:
+    """``ood_score: knn``: mean over k of log(k-th neighbour distance / its cluster's median) -- or,
+    with ``ood_scaling: global``, the median over all training samples -- against scikit-learn's
+    NearestNeighbors and numpy medians."""
     from sklearn.neighbors import NearestNeighbors
 
     from clusterlight.methods import DebiasedClustering
@@ -115,15 +117,15 @@ def test_knn_ood_score_matches_sklearn_neighbours() -> None:
     rng = np.random.default_rng(7)
     ks = [1, 3, 8]
     model = DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), latent_dim=4, widths=[8, 8],
-                               ood_score="knn", ood_neighbours=ks)
+                               ood_score="knn", ood_neighbours=ks, ood_scaling=scaling)
     x = rng.normal(size=(90, 4)) * rng.uniform(0.5, 2.0, 4)
     cluster = rng.integers(0, 3, 90)
     cluster[cluster == 2] = 1  # cluster 2 is empty: its scale is the median over all samples
     model._fit_knn_bank(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(cluster))
     nn_ = NearestNeighbors(n_neighbors=max(ks) + 1).fit(x)
     train_d = nn_.kneighbors(x)[0][:, 1:]  # themselves excluded
-    scale = np.array([[np.median(train_d[cluster == c, k - 1]) if (cluster == c).any() else np.median(train_d[:, k - 1])
-                       for c in range(3)] for k in ks])
+    scale = np.array([[np.median(train_d[cluster == c, k - 1]) if (cluster == c).any() and scaling == "cluster"
+                       else np.median(train_d[:, k - 1]) for c in range(3)] for k in ks])
     np.testing.assert_allclose(model.ood_scale.numpy(), scale, rtol=1e-4)
     z = rng.normal(size=(7, 4)) * 2
     zc = np.array([0, 1, 2, 0, 1, 2, 0])
@@ -335,3 +337,24 @@ def test_gmm_partition_keeps_a_small_tight_cluster_next_to_long_ones() -> None:
     with pytest.raises(ValueError, match="kmeans_n_init"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), kmeans_n_init=0)
     DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), init_partition="kmeans", gmm_iters=0)  # k-means only
+
+
+def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: Path) -> None:
+    """``augment`` alone pairs each image with its own random affine copy: the projection head
+    exists, the contrast loss is positive and changes the head; bad strengths are one-line errors."""
+    from clusterlight.methods import DebiasedClustering
+
+    args = [*METHOD_ARGS["DebiasedClustering"], "--model.augment=1.0", *data_args("digits", max_samples=300),
+            *base_args(tmp_path, epochs=2)]
+    cli = main(args, run=False)
+    assert cli.model.neighbours == 0 and cli.model.projector is not None
+    head = {k: v.clone() for k, v in cli.model.projector.state_dict().items()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert float(cli.trainer.callback_metrics["train/contrast"]) > 0
+    assert any(not torch.equal(v, cli.model.projector.state_dict()[k]) for k, v in head.items())
+    for bad in (-0.5, 5.0, True, "strong"):
+        with pytest.raises(ValueError, match="augment must be"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment=bad)
+    with pytest.raises(ValueError, match="ood_scaling must be"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_scaling="local")
+    assert DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16)).projector is None  # off by default

@@ -27,6 +27,7 @@ from clusterlight.cluster.umap_hdbscan import preserve_torch_threads, reduce_uma
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
 from clusterlight.methods.neighbours import PixelNeighbours
 from clusterlight.nn import MLP, ConvAutoencoder
+from clusterlight.nn.augment import random_affine
 from clusterlight.nn.contrastive import nt_xent
 from clusterlight.nn.stats_pool import StatisticsPooling
 from clusterlight.precision import float32_math
@@ -146,7 +147,12 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        in pixel space (the table of :class:`~clusterlight.methods.neighbours.PixelNeighbours`, as
        in online hard clustering), and ``R`` also minimises the NT-Xent loss (:func:`~clusterlight.nn.contrastive.nt_xent`,
        ``contrast_weight``, ``contrast_temperature``) between the projections of the pairs over
-       the global batch; each step then encodes twice as many images.
+       the global batch; each step then encodes twice as many images. With ``augment`` (a
+       strength; the configs set 1 for the digits and clothes, off by default) the view -- the
+       neighbour, or the image itself without ``neighbours`` -- goes through a random affine map
+       first (:mod:`clusterlight.nn.augment`: at strength 1, rotation up to 15 degrees, scale 0.85
+       to 1.15, shift up to 7.5 % of the size), so ``R`` also learns features that such small
+       deformations do not change (USPS with a long tail, ``fast`` budget: README, Results).
 
     **Gradients between the networks.** ``C`` reads ``R``'s features *detached*: no gradient of
     the clustering loss reaches ``R``. The clustering loss rewards confident assignments, and
@@ -197,12 +203,19 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         ood_shrinkage: shrinkage of the clusters' full covariances towards their mean variance (0 to 1).
         ood_neighbours: the numbers of neighbours whose distances make ``ood_score: knn`` (each
             capped at the number of training images minus one).
+        ood_scaling: the divisor of each ``k``-NN distance in ``ood_score: knn``: ``cluster``, the
+            median over the training samples of the sample's cluster (item 3), or ``global``, the
+            median over all training samples (the score then ranks as the mean log distance).
         reject_quantile: leave unassigned the samples whose OOD score is above this quantile of
             the training scores (``null``: assign every sample).
         kmeans_n_init: starts of the initial partition (mixture fits or k-means restarts).
         kmeans_seed: seed of the initial partition (k-means' own generator, the mixture's starts) and of UMAP.
         neighbours: ``0`` (off) or ``k``: pair each training image with one of its ``k`` nearest
             training images in pixel space for ``R``'s contrastive loss (item 5).
+        augment: strength of the random affine map applied to the second view of ``R``'s contrast
+            pairs (item 5; 0: none, 1: rotation up to 15 degrees, scale 0.85 to 1.15, shift up to
+            7.5 % of the size; at most 4). Without ``neighbours`` the pairs are each image and its
+            augmented copy.
         contrast_weight: weight of the neighbour-pair NT-Xent loss in ``R``'s loss.
         contrast_temperature: NT-Xent temperature.
         projection_dim: output size of ``R``'s projection head for the NT-Xent loss.
@@ -231,6 +244,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         ood_score: Literal["knn", "full_mahalanobis", "mahalanobis", "nll"] = "knn",
         ood_shrinkage: float = 0.01,
         ood_neighbours: list[int] = [1, 2, 4, 8, 16, 32, 64, 128],  # noqa: B006
+        ood_scaling: Literal["cluster", "global"] = "cluster",
         reject_quantile: float | None = None,
         kmeans_n_init: int = 10,
         kmeans_seed: int = 0,
@@ -241,6 +255,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         gmm_iters: int = 100,
         init_partition: Literal["gmm", "kmeans"] = "gmm",
         neighbours: int = 0,
+        augment: float = 0.0,
         contrast_weight: float = 1.0,
         contrast_temperature: float = 0.5,
         projection_dim: int = 64,
@@ -272,6 +287,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self.spb_ood = StatisticsPooling(k, latent_dim, full_covariance=True)
         self.ood_shrinkage = ood_shrinkage
         self.ood_neighbours = sorted(set(ood_neighbours))
+        if ood_scaling not in ("cluster", "global"):
+            raise ValueError(f"ood_scaling must be 'cluster' or 'global', got {ood_scaling!r}")
+        self.ood_scaling = ood_scaling
         # ood_score knn: R's features of the training split (the bank), the median distance of a
         # training sample of each cluster to its ood_neighbours-th neighbour, and every training
         # sample's own score (for reject_quantile); set with spb_ood, saved in checkpoints
@@ -308,11 +326,15 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self.init_partition = init_partition
         if contrast_weight < 0 or not contrast_temperature > 0 or projection_dim < 1:
             raise ValueError("contrast_weight must be >= 0, contrast_temperature > 0 and projection_dim >= 1")
+        if isinstance(augment, bool) or not isinstance(augment, (int, float)) or not 0.0 <= augment <= 4.0:
+            raise ValueError(f"augment must be a number in [0, 4] (0: no augmented views), got {augment!r}")
+        self.augment = float(augment)
         # neighbour views for R (pixel-space kNN table, recomputed at every fit start)
         self._init_neighbours(neighbours)
         self.contrast_weight = float(contrast_weight)
         self.contrast_temperature = float(contrast_temperature)
-        self.projector = MLP(latent_dim, [2 * latent_dim], projection_dim) if neighbours > 0 else None
+        views = neighbours > 0 or self.augment > 0
+        self.projector = MLP(latent_dim, [2 * latent_dim], projection_dim) if views else None
         # C's target embedding of every training sample (rows by dataset index), set when clustering starts
         self.register_buffer("manifold_target", torch.zeros(0, cluster_dim))
         self._register_load_state_dict_pre_hook(self._adapt_state_dict)
@@ -384,15 +406,19 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
 
         For each ``k`` of ``ood_neighbours``, the scale of cluster ``c`` is the median, over the
         training samples assigned to ``c``, of the distance to their ``k``-th nearest training
-        sample (themselves excluded); an empty cluster takes the median over all. Every rank
+        sample (themselves excluded); an empty cluster takes the median over all, and so does
+        every cluster with ``ood_scaling: global``. Every rank
         computes the same values from the same whole-split tensors.
         """
         ks = self._ks(len(z_r))
         dist = knn_graph(z_r, ks[-1])[1].clamp_min(0.0).sqrt()  # (N, k_max), increasing
         kth = dist[:, [k - 1 for k in ks]]  # (N, len(ood_neighbours))
         overall = _median(kth).clamp_min(1e-12)
-        scale = torch.stack([_median(kth[cluster == c]) if int((cluster == c).sum()) > 0 else overall
-                             for c in range(self.num_clusters)], 1)  # (len(ood_neighbours), K)
+        if self.ood_scaling == "global":  # one scale per k: the score ranks as the plain mean log distance
+            scale = overall[:, None].expand(-1, self.num_clusters)
+        else:
+            scale = torch.stack([_median(kth[cluster == c]) if int((cluster == c).sum()) > 0 else overall
+                                 for c in range(self.num_clusters)], 1)  # (len(ood_neighbours), K)
         self.ood_bank = z_r.detach().float().clone()
         # a cluster of (near-)duplicates has a median distance of about 0: floor it relative to the data
         self.ood_scale = torch.maximum(scale, 1e-3 * overall[:, None]).float()
@@ -465,14 +491,22 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
     def _represent(self, images: Tensor, index: Tensor, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
         """``R`` on a training batch: features, reconstruction and the neighbour-contrast loss.
 
-        With ``neighbours`` each image and one of its pixel-space neighbours are encoded together;
-        the projections of the pairs enter :func:`nt_xent` over the global batch (every rank's
-        pairs are the negatives, as on one process). Without: the contrast loss is 0.
+        The second view of each image is one of its pixel-space neighbours (``neighbours``) or the
+        image itself, under a random affine map when ``augment`` > 0; image and view are encoded
+        together, and the projections of the pairs enter :func:`nt_xent` over the global batch
+        (every rank's pairs are the negatives, as on one process). Without views: the contrast loss is 0.
         """
         if self.projector is None:
             z_r, recon = self.representation(images)
             return z_r, recon, images.new_zeros((), dtype=torch.float32)
-        both = self.representation.encode(torch.cat([images, self._neighbour_images(index, batch_idx)]))
+        view = self._neighbour_images(index, batch_idx) if self.neighbours > 0 else images
+        if self.augment > 0:
+            # drawn for every training index with the batch's generator, kept for this batch's rows:
+            # a sample gets the same view whatever the number of processes
+            n = len(self._datamodule().train_dataset)
+            u = torch.rand((n, 4), generator=self.batch_generator(batch_idx, "augment"), device=self.device)
+            view = random_affine(view, u[index.to(self.device)], self.augment)
+        both = self.representation.encode(torch.cat([images, view]))
         z_r, z_n = both[: len(images)], both[len(images):]
         recon = self.representation.decode(z_r)
         a, _ = self.gather_batch(self.projector(z_r))

@@ -1,0 +1,59 @@
+"""Random affine views of image batches (rotation, scale, shift), on any device.
+
+The draws are passed in (``u``, uniform in ``[0, 1)``), so a caller can make them per dataset index
+with its own generator: the same view of a sample whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["affine_theta", "random_affine", "warp"]
+
+#: At ``strength`` 1: rotation up to 15 degrees either way, scale 0.85 to 1.15, shift up to 7.5 %
+#: of the width and of the height either way.
+MAX_ROTATION_DEG = 15.0
+MAX_SCALE = 0.15
+MAX_SHIFT = 0.15  # in grid_sample's normalised coordinates (the image spans [-1, 1])
+
+
+def affine_theta(u: Tensor, strength: float) -> Tensor:
+    """``(B, 2, 3)`` sampling matrices from ``u`` ``(B, 4)`` (uniform draws in ``[0, 1)``).
+
+    Columns of ``u``: rotation, scale, horizontal and vertical shift, each mapped to
+    ``strength * max * (2u - 1)``. The matrix maps an output location (normalised coordinates) to
+    the input location it samples, as :func:`torch.nn.functional.affine_grid` expects: the content
+    is rotated by the angle, magnified by the scale factor and moved by minus the shift.
+    """
+    if u.ndim != 2 or u.shape[1] != 4:
+        raise ValueError(f"u must have shape (B, 4), got {tuple(u.shape)}")
+    v = (2.0 * u.float() - 1.0) * strength
+    angle = v[:, 0] * math.radians(MAX_ROTATION_DEG)
+    scale = 1.0 + v[:, 1] * MAX_SCALE
+    tx, ty = v[:, 2] * MAX_SHIFT, v[:, 3] * MAX_SHIFT
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    return torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+
+
+def warp(images: Tensor, theta: Tensor) -> Tensor:
+    """Resample ``images`` ``(B, C, H, W)`` by ``theta`` ``(B, 2, 3)``: bilinear, zeros outside.
+
+    Computed in float32 with autocast off (grid sampling is sensitive to rounding); returned in the
+    input's dtype.
+    """
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        x = images.float()
+        grid = F.affine_grid(theta.float().to(x.device), list(x.shape), align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.to(images.dtype)
+
+
+def random_affine(images: Tensor, u: Tensor, strength: float) -> Tensor:
+    """``images`` under the random affine maps of :func:`affine_theta` (``strength`` 0: unchanged)."""
+    if strength == 0:
+        return images
+    return warp(images, affine_theta(u, strength))
