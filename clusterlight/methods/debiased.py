@@ -148,7 +148,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        in online hard clustering), and ``R`` also minimises the NT-Xent loss (:func:`~clusterlight.nn.contrastive.nt_xent`,
        ``contrast_weight``, ``contrast_temperature``) between the projections of the pairs over
        the global batch; each step then encodes twice as many images. With ``augment`` (a
-       strength; the configs set 1 for the digits and clothes, off by default) the view -- the
+       strength; the USPS configs set 1, off by default and in the other configs) the view -- the
        neighbour, or the image itself without ``neighbours`` -- goes through a random affine map
        first (:mod:`clusterlight.nn.augment`: at strength 1, rotation up to 15 degrees, scale 0.85
        to 1.15, shift up to 7.5 % of the size), so ``R`` also learns features that such small
