@@ -12,11 +12,10 @@ from scipy import ndimage
 from clusterlight.nn.augment import affine_theta, random_affine, warp
 
 
-def _scipy_warp(image: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """The same resampling by scipy: pixel (row r, column c) of the output reads the input at the
-    location that ``theta`` gives for the pixel centre's normalised coordinates (align_corners=False:
-    ``x = (2c + 1) / W - 1``, back to pixels by ``c = ((x + 1) W - 1) / 2``)."""
-    h, w = image.shape
+def _pixel_map(theta: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sampling map in pixels, ``(row, col) -> matrix @ (row, col) + offset``, derived from the
+    normalised coordinates of the pixel centres (align_corners=False: ``x = (2c + 1) / W - 1``,
+    back to pixels by ``c = ((x + 1) W - 1) / 2``)."""
 
     def source(r: float, c: float) -> np.ndarray:
         x, y = (2 * c + 1) / w - 1, (2 * r + 1) / h - 1
@@ -24,7 +23,14 @@ def _scipy_warp(image: np.ndarray, theta: np.ndarray) -> np.ndarray:
         return np.array([((ys + 1) * h - 1) / 2, ((xs + 1) * w - 1) / 2])
 
     offset = source(0, 0)
-    matrix = np.stack([source(1, 0) - offset, source(0, 1) - offset], 1)  # columns: d/dr, d/dc
+    return np.stack([source(1, 0) - offset, source(0, 1) - offset], 1), offset  # columns: d/dr, d/dc
+
+
+def _scipy_warp(image: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """The same resampling by scipy: pixel (row r, column c) of the output reads the input at the
+    location that ``theta`` gives for the pixel centre's normalised coordinates (align_corners=False:
+    ``x = (2c + 1) / W - 1``, back to pixels by ``c = ((x + 1) W - 1) / 2``)."""
+    matrix, offset = _pixel_map(theta, *image.shape)
     return ndimage.affine_transform(image, matrix, offset=offset, order=1, mode="grid-constant", cval=0.0)
 
 
@@ -71,3 +77,17 @@ def test_warp_keeps_dtype_under_bf16_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = warp(images, affine_theta(torch.rand(2, 4), 1.0))
     assert out.dtype == torch.bfloat16 and out.shape == images.shape
+
+
+@pytest.mark.parametrize("size", [(16, 16), (12, 32), (40, 10)])
+def test_rotation_is_rigid_in_pixels_for_any_aspect_ratio(size: tuple[int, int]) -> None:
+    """The sampling map in pixels is a rotation by the drawn angle divided by the drawn scale
+    (``M^T M = I / scale^2``, the angle from ``M``), for square and non-square images alike."""
+    u = torch.tensor([[0.9, 0.2, 0.5, 0.5], [0.1, 0.7, 0.3, 0.8]])
+    theta = affine_theta(u, 1.0, size).double().numpy()
+    for i, (ur, us, _, _) in enumerate(u.tolist()):
+        matrix, _ = _pixel_map(theta[i], *size)
+        scale = 1 + (2 * us - 1) * 0.15
+        np.testing.assert_allclose(matrix.T @ matrix, np.eye(2) / scale**2, atol=1e-6)
+        angle = math.atan2(matrix[1, 0], matrix[0, 0])  # row from column: + for a content rotation
+        assert abs(abs(angle) - math.radians(15 * abs(2 * ur - 1))) < 1e-6

@@ -1,8 +1,7 @@
 """DDP equals one device: DebiasedClustering with neighbour views and the k-NN OOD score (one DDP test per file).
 
-The pixel-space kNN table is computed on rank 0 and broadcast; each image's neighbour and the
-random affine map of that view (``augment``) are drawn by its dataset index; the NT-Xent loss of
-``R`` is computed over the gathered global batch of pairs
+The pixel-space kNN table is computed on rank 0 and broadcast; each image's neighbour is drawn by
+its dataset index; the NT-Xent loss of ``R`` is computed over the gathered global batch of pairs
 (every rank's pairs are the negatives, as on one process) with the gradient scaled by the world
 size; the k-NN bank and scales come from the whole training split on every rank.
 """
@@ -27,7 +26,7 @@ def test_two_gloo_processes_contrast_pairs_and_score_as_one_process(tmp_path) ->
     kwargs = {"widths": [16, 32], "kmeans_n_init": 2, "pretrain_epochs": 1, "latent_dim": 8, "cluster_dim": 4,
               "head_hidden": [16], "norm": "group", "manifold": "none",
               "init_partition": "kmeans", "gmm_iters": 0,
-              "neighbours": 5, "augment": 1.0, "ood_score": "knn", "ood_neighbours": [1, 4, 16]}
+              "neighbours": 5, "ood_score": "knn", "ood_neighbours": [1, 4, 16]}
     one, two = fit_one_and_two(DebiasedClustering, kwargs, tmp_path, epochs=3,
                                state_attrs=("neighbour_index",))
     assert_ranks_identical(two)

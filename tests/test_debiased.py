@@ -279,6 +279,15 @@ def test_checkpoint_loads_with_other_neighbour_views_and_ood_neighbours(tmp_path
     same_ks = DebiasedClustering(**small, ood_neighbours=[1, 2, 4])
     same_ks.load_state_dict(state)
     assert torch.equal(same_ks.ood_bank, state["ood_bank"])  # same list: the saved bank is kept
+    # scales made per cluster, loaded with ood_scaling global: emptied, to be recomputed
+    other_scaling = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_scaling="global")
+    other_scaling.load_state_dict(state)
+    assert other_scaling.ood_bank.shape[0] == 0 and bool(other_scaling.ood_scaling_global)
+    # a checkpoint from before ood_scaling (no flag) was made per cluster: kept by the default
+    old = {k: v for k, v in state.items() if k != "ood_scaling_global"}
+    before = DebiasedClustering(**small, ood_neighbours=[1, 2, 4])
+    before.load_state_dict(old)
+    assert torch.equal(before.ood_scale, state["ood_scale"])
     state_b = with_views.state_dict()
     assert "projector.net.0.weight" in state_b
     DebiasedClustering(**small, ood_neighbours=[1, 2]).load_state_dict(state_b)  # strict, head dropped
@@ -339,17 +348,35 @@ def test_gmm_partition_keeps_a_small_tight_cluster_next_to_long_ones() -> None:
     DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), init_partition="kmeans", gmm_iters=0)  # k-means only
 
 
-def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: Path) -> None:
-    """``augment`` alone pairs each image with its own random affine copy: the projection head
-    exists, the contrast loss is positive and changes the head; bad strengths are one-line errors."""
-    from clusterlight.methods import DebiasedClustering
+def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: Path, monkeypatch) -> None:
+    """``augment`` alone pairs each image with its own random affine copy: every training step
+    warps the batch's own images (a spy on ``random_affine``), the projection head exists, the
+    contrast loss is positive and changes the head; bad strengths are one-line errors."""
+    from clusterlight.methods import DebiasedClustering, debiased
 
+    calls = []
+
+    def spy(images, u, strength):
+        out = debiased.random_affine.__wrapped__(images, u, strength)
+        calls.append((images.detach().clone(), u.detach().clone(), strength, out.detach().clone()))
+        return out
+
+    spy.__wrapped__ = debiased.random_affine
+    monkeypatch.setattr(debiased, "random_affine", spy)
     args = [*METHOD_ARGS["DebiasedClustering"], "--model.augment=1.0", *data_args("digits", max_samples=300),
             *base_args(tmp_path, epochs=2)]
     cli = main(args, run=False)
     assert cli.model.neighbours == 0 and cli.model.projector is not None
     head = {k: v.clone() for k, v in cli.model.projector.state_dict().items()}
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    steps = cli.trainer.global_step // 2  # two optimizers after pretraining, one before: at least this many
+    assert len(calls) >= steps > 0
+    train_images = torch.stack([cli.datamodule.train_dataset[i]["image"] for i in range(len(cli.datamodule.train_dataset))])
+    for images, u, strength, out in calls:
+        assert strength == 1.0 and u.shape == (len(images), 4) and float(u.min()) >= 0 and float(u.max()) < 1
+        # the view is the batch's own images (rows of the training split), and the warp changed them
+        assert all(bool((train_images == img).flatten(1).all(1).any()) for img in images)
+        assert float((out - images).abs().max()) > 0.05
     assert float(cli.trainer.callback_metrics["train/contrast"]) > 0
     assert any(not torch.equal(v, cli.model.projector.state_dict()[k]) for k, v in head.items())
     for bad in (-0.5, 5.0, True, "strong"):

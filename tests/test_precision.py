@@ -68,7 +68,7 @@ PRECISION_ARGS: dict[str, list[str]] = {
 }
 #: Largest allowed |bf16 - fp32| of one pair of short runs: (NMI, ACC). See the module docstring.
 TOLERANCE = {"default": (0.1, 0.2), "SPC": (0.2, 0.2), "DebiasedClustering": (0.2, 0.2),
-             "DebiasedClustering-neighbours": (0.2, 0.2)}
+             "DebiasedClustering-neighbours": (0.2, 0.2), "DebiasedClustering-augment": (0.2, 0.2)}
 #: Largest allowed |mean bf16 - mean fp32| over three seeds (slow test): (NMI, ACC).
 MEAN_TOLERANCE = (0.1, 0.1)
 

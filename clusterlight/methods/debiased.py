@@ -24,6 +24,7 @@ from clusterlight.cluster.agglomerative import knn_graph
 from clusterlight.cluster.kmeans import kmeans
 from clusterlight.cluster.mixture import diag_gmm_em, full_gmm, one_hot
 from clusterlight.cluster.umap_hdbscan import preserve_torch_threads, reduce_umap
+from clusterlight.errors import ClusterlightError
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
 from clusterlight.methods.neighbours import PixelNeighbours
 from clusterlight.nn import MLP, ConvAutoencoder
@@ -124,7 +125,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        samples of the sample's cluster (``C``'s assignment); the score is the mean of the logs.
        A tail cluster's samples lie farther apart than a head cluster's; the division keeps them
        from being taken for outliers, and the scales from one to 128 neighbours catch an
-       outlier next to a few training samples as well as one in a sparse region. The bank of
+       outlier next to a few training samples as well as one in a sparse region
+       (``ood_scaling: global`` divides by the median over all training samples instead, so the
+       score ranks as the plain mean log distance; the USPS configs use it). The bank of
        training features and the scales are recomputed from the whole training split before
        every validation (one pass of ``R``), so they belong to the weights they are saved with
        (checkpoints carry them). The alternatives: ``full_mahalanobis``, the smallest
@@ -216,7 +219,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             pairs (item 5; 0: none, 1: rotation up to 15 degrees, scale 0.85 to 1.15, shift up to
             7.5 % of the size; at most 4). Without ``neighbours`` the pairs are each image and its
             augmented copy.
-        contrast_weight: weight of the neighbour-pair NT-Xent loss in ``R``'s loss.
+        contrast_weight: weight of the NT-Xent loss of the view pairs (neighbours and/or augmented copies) in ``R``'s loss.
         contrast_temperature: NT-Xent temperature.
         projection_dim: output size of ``R``'s projection head for the NT-Xent loss.
         grad_clip: clip each network's gradient norm to this value (``null``: no clipping).
@@ -266,15 +269,15 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
     ) -> None:
         super().__init__(num_clusters, input_shape, optimizer_r, lr_scheduler)
         if reject_quantile is not None and not 0.0 < reject_quantile < 1.0:
-            raise ValueError(f"reject_quantile must be in (0, 1) or null, got {reject_quantile}")
+            raise ClusterlightError(f"reject_quantile must be in (0, 1) or null, got {reject_quantile}")
         if ood_score not in OOD_SCORES:
-            raise ValueError(f"ood_score must be one of {', '.join(OOD_SCORES)}, got {ood_score!r}")
+            raise ClusterlightError(f"ood_score must be one of {', '.join(OOD_SCORES)}, got {ood_score!r}")
         if isinstance(ood_neighbours, int):
             ood_neighbours = [ood_neighbours]
         if not ood_neighbours or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ood_neighbours):
-            raise ValueError(f"ood_neighbours must be a non-empty list of positive integers, got {ood_neighbours!r}")
+            raise ClusterlightError(f"ood_neighbours must be a non-empty list of positive integers, got {ood_neighbours!r}")
         if not 0.0 <= ood_shrinkage <= 1.0:
-            raise ValueError(f"ood_shrinkage must be in [0, 1], got {ood_shrinkage}")
+            raise ClusterlightError(f"ood_shrinkage must be in [0, 1], got {ood_shrinkage}")
         self.automatic_optimization = False
         self.optimizer_c_factory = optimizer_c
         k = self.num_clusters
@@ -288,8 +291,10 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self.ood_shrinkage = ood_shrinkage
         self.ood_neighbours = sorted(set(ood_neighbours))
         if ood_scaling not in ("cluster", "global"):
-            raise ValueError(f"ood_scaling must be 'cluster' or 'global', got {ood_scaling!r}")
+            raise ClusterlightError(f"ood_scaling must be 'cluster' or 'global', got {ood_scaling!r}")
         self.ood_scaling = ood_scaling
+        # which scaling made the saved scales: a checkpoint loaded with the other one recomputes them
+        self.register_buffer("ood_scaling_global", torch.tensor(ood_scaling == "global"))
         # ood_score knn: R's features of the training split (the bank), the median distance of a
         # training sample of each cluster to its ood_neighbours-th neighbour, and every training
         # sample's own score (for reject_quantile); set with spb_ood, saved in checkpoints
@@ -309,27 +314,28 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self.kmeans_seed = kmeans_seed
         self.grad_clip = grad_clip
         if manifold not in ("umap", "none"):
-            raise ValueError(f"manifold must be 'umap' or 'none', got {manifold!r}")
+            raise ClusterlightError(f"manifold must be 'umap' or 'none', got {manifold!r}")
         if umap_neighbors < 2 or distill_epochs < 0 or distill_weight < 0 or gmm_iters < 0:
-            raise ValueError("umap_neighbors must be >= 2; distill_epochs, distill_weight and gmm_iters >= 0")
+            raise ClusterlightError("umap_neighbors must be >= 2; distill_epochs, distill_weight and gmm_iters >= 0")
         self.manifold = manifold
         self.umap_neighbors = umap_neighbors
         self.distill_epochs = distill_epochs
         self.distill_weight = distill_weight
         self.gmm_iters = gmm_iters
         if init_partition not in INIT_PARTITIONS:
-            raise ValueError(f"init_partition must be one of {', '.join(INIT_PARTITIONS)}, got {init_partition!r}")
+            raise ClusterlightError(f"init_partition must be one of {', '.join(INIT_PARTITIONS)}, got {init_partition!r}")
         if init_partition == "gmm" and gmm_iters < 1:
-            raise ValueError(f"init_partition gmm needs gmm_iters >= 1 (EM iterations per start), got {gmm_iters}")
+            raise ClusterlightError(f"init_partition gmm needs gmm_iters >= 1 (EM iterations per start), got {gmm_iters}")
         if isinstance(kmeans_n_init, bool) or not isinstance(kmeans_n_init, int) or kmeans_n_init < 1:
-            raise ValueError(f"kmeans_n_init must be a positive integer, got {kmeans_n_init!r}")
+            raise ClusterlightError(f"kmeans_n_init must be a positive integer, got {kmeans_n_init!r}")
         self.init_partition = init_partition
         if contrast_weight < 0 or not contrast_temperature > 0 or projection_dim < 1:
-            raise ValueError("contrast_weight must be >= 0, contrast_temperature > 0 and projection_dim >= 1")
+            raise ClusterlightError("contrast_weight must be >= 0, contrast_temperature > 0 and projection_dim >= 1")
         if isinstance(augment, bool) or not isinstance(augment, (int, float)) or not 0.0 <= augment <= 4.0:
-            raise ValueError(f"augment must be a number in [0, 4] (0: no augmented views), got {augment!r}")
+            raise ClusterlightError(f"augment must be a number in [0, 4] (0: no augmented views), got {augment!r}")
         self.augment = float(augment)
-        # neighbour views for R (pixel-space kNN table, recomputed at every fit start)
+        # neighbour views for R (pixel-space kNN table, recomputed at every fit start); with them or
+        # with augment, R has a projection head for the contrast loss
         self._init_neighbours(neighbours)
         self.contrast_weight = float(contrast_weight)
         self.contrast_temperature = float(contrast_temperature)
@@ -485,7 +491,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         return sum(p.sum() for m in modules for p in m.parameters() if p.requires_grad) * 0.0
 
     def _r_modules(self) -> list[torch.nn.Module]:
-        """``R``: the autoencoder and, with neighbour views, its projection head."""
+        """``R``: the autoencoder and, with view pairs (neighbours or augment), its projection head."""
         return [self.representation] + ([self.projector] if self.projector is not None else [])
 
     def _represent(self, images: Tensor, index: Tensor, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -545,7 +551,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                     "contrast": contrast.detach()}
 
         # R step: reconstruction weighted by the cardinality of each sample's current cluster,
-        # plus the neighbour contrast (with ``neighbours``).
+        # plus the contrast of the view pairs (with ``neighbours`` or ``augment``).
         if self.cotrain:
             z_r, recon, contrast = self._represent(images, index, batch_idx)
         else:
@@ -607,7 +613,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if not any(key in state_dict for key in ood_keys):
             for name, buf in self.spb_ood.named_buffers():
                 state_dict[prefix + "spb_ood." + name] = torch.zeros_like(buf)
-        # a checkpoint trained without neighbour views has no projection head: it only serves
+        # a checkpoint trained without view pairs (neighbours, augment) has no projection head: it only serves
         # training, so keep this model's initial one (a fit resumed from it trains it from there)
         if self.projector is not None and not any(key.startswith(prefix + "projector.") for key in state_dict):
             for name, value in self.projector.state_dict().items():
@@ -615,6 +621,12 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if self.projector is None:  # and one trained with them, loaded without: the head is not needed
             for key in [key for key in state_dict if key.startswith(prefix + "projector.")]:
                 del state_dict[key]
+        # scales made with the other ood_scaling (checkpoints from before the option: cluster): recomputed
+        saved_global = state_dict.get(prefix + "ood_scaling_global")
+        if (False if saved_global is None else bool(saved_global)) != bool(self.ood_scaling_global):
+            for name in ("ood_bank", "ood_scale", "ood_train_scores"):
+                state_dict.pop(prefix + name, None)
+        state_dict[prefix + "ood_scaling_global"] = self.ood_scaling_global.clone()
         # other ood_neighbours than the checkpoint's: the bank and scales are recomputed
         saved_scale = state_dict.get(prefix + "ood_scale")
         if saved_scale is not None and saved_scale.shape != self.ood_scale.shape:

@@ -21,22 +21,26 @@ MAX_SCALE = 0.15
 MAX_SHIFT = 0.15  # in grid_sample's normalised coordinates (the image spans [-1, 1])
 
 
-def affine_theta(u: Tensor, strength: float) -> Tensor:
+def affine_theta(u: Tensor, strength: float, size: tuple[int, int] = (1, 1)) -> Tensor:
     """``(B, 2, 3)`` sampling matrices from ``u`` ``(B, 4)`` (uniform draws in ``[0, 1)``).
 
     Columns of ``u``: rotation, scale, horizontal and vertical shift, each mapped to
     ``strength * max * (2u - 1)``. The matrix maps an output location (normalised coordinates) to
     the input location it samples, as :func:`torch.nn.functional.affine_grid` expects: the content
-    is rotated by the angle, magnified by the scale factor and moved by minus the shift.
+    is rotated by the angle, magnified by the scale factor and moved by minus the shift (a
+    fraction of the width and of the height). ``size`` is the images' ``(height, width)``:
+    normalised coordinates stretch the shorter side, so the rotation's off-diagonal terms carry
+    the aspect ratio to stay a rigid rotation in pixels.
     """
     if u.ndim != 2 or u.shape[1] != 4:
         raise ValueError(f"u must have shape (B, 4), got {tuple(u.shape)}")
+    aspect = float(size[0]) / float(size[1])  # H / W
     v = (2.0 * u.float() - 1.0) * strength
     angle = v[:, 0] * math.radians(MAX_ROTATION_DEG)
     scale = 1.0 + v[:, 1] * MAX_SCALE
     tx, ty = v[:, 2] * MAX_SHIFT, v[:, 3] * MAX_SHIFT
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    return torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    return torch.stack([torch.stack([cos, -sin * aspect, tx], 1), torch.stack([sin / aspect, cos, ty], 1)], 1)
 
 
 def warp(images: Tensor, theta: Tensor) -> Tensor:
@@ -56,4 +60,4 @@ def random_affine(images: Tensor, u: Tensor, strength: float) -> Tensor:
     """``images`` under the random affine maps of :func:`affine_theta` (``strength`` 0: unchanged)."""
     if strength == 0:
         return images
-    return warp(images, affine_theta(u, strength))
+    return warp(images, affine_theta(u, strength, tuple(images.shape[-2:])))
