@@ -15,16 +15,13 @@ from tests.ddp_equivalence import (
     assert_same_as_one_process,
     fit_one_and_two,
 )
+from tests.test_ddp_debiased_neighbours import NEIGHBOUR_KWARGS
 
 pytestmark = pytest.mark.ddp
 
 
 def test_two_gloo_processes_draw_the_augmented_views_of_one_process(tmp_path) -> None:
-    """``manifold: none``, ``init_partition: kmeans`` and ``gmm_iters: 0`` for the reasons given in ``tests/test_ddp_debiased.py``."""
-    kwargs = {"widths": [16, 32], "kmeans_n_init": 2, "pretrain_epochs": 1, "latent_dim": 8, "cluster_dim": 4,
-              "head_hidden": [16], "norm": "group", "manifold": "none",
-              "init_partition": "kmeans", "gmm_iters": 0,
-              "neighbours": 5, "augment": 1.0, "ood_score": "knn", "ood_scaling": "global", "ood_neighbours": [1, 2, 4]}
+    kwargs = {**NEIGHBOUR_KWARGS, "augment": 1.0, "ood_scaling": "global", "ood_neighbours": [1, 2, 4]}
     one, two = fit_one_and_two(DebiasedClustering, kwargs, tmp_path, epochs=3)
     assert_ranks_identical(two)
     assert_same_as_one_process(one, two[0])

@@ -20,14 +20,15 @@ from tests.ddp_equivalence import (
 
 pytestmark = pytest.mark.ddp
 
+#: A small flagship with neighbour views and the k-NN score (also used by ``tests/test_ddp_debiased_augment.py``).
+#: ``manifold: none``, ``init_partition: kmeans`` and ``gmm_iters: 0`` for the reasons given in ``tests/test_ddp_debiased.py``.
+NEIGHBOUR_KWARGS = {"widths": [16, 32], "kmeans_n_init": 2, "pretrain_epochs": 1, "latent_dim": 8, "cluster_dim": 4,
+                    "head_hidden": [16], "norm": "group", "manifold": "none", "init_partition": "kmeans",
+                    "gmm_iters": 0, "neighbours": 5, "ood_score": "knn", "ood_neighbours": [1, 4, 16]}
+
 
 def test_two_gloo_processes_contrast_pairs_and_score_as_one_process(tmp_path) -> None:
-    """``manifold: none``, ``init_partition: kmeans`` and ``gmm_iters: 0`` for the reasons given in ``tests/test_ddp_debiased.py``."""
-    kwargs = {"widths": [16, 32], "kmeans_n_init": 2, "pretrain_epochs": 1, "latent_dim": 8, "cluster_dim": 4,
-              "head_hidden": [16], "norm": "group", "manifold": "none",
-              "init_partition": "kmeans", "gmm_iters": 0,
-              "neighbours": 5, "ood_score": "knn", "ood_neighbours": [1, 4, 16]}
-    one, two = fit_one_and_two(DebiasedClustering, kwargs, tmp_path, epochs=3,
+    one, two = fit_one_and_two(DebiasedClustering, NEIGHBOUR_KWARGS, tmp_path, epochs=3,
                                state_attrs=("neighbour_index",))
     assert_ranks_identical(two)
     assert_same_as_one_process(one, two[0])
