@@ -355,13 +355,13 @@ def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: 
     from clusterlight.methods import DebiasedClustering, debiased
 
     calls = []
+    original = debiased.random_affine
 
     def spy(images, u, strength):
-        out = debiased.random_affine.__wrapped__(images, u, strength)
+        out = original(images, u, strength)
         calls.append((images.detach().clone(), u.detach().clone(), strength, out.detach().clone()))
         return out
 
-    spy.__wrapped__ = debiased.random_affine
     monkeypatch.setattr(debiased, "random_affine", spy)
     args = [*METHOD_ARGS["DebiasedClustering"], "--model.augment=1.0", *data_args("digits", max_samples=300),
             *base_args(tmp_path, epochs=2)]
