@@ -105,11 +105,13 @@ def test_feature_mahalanobis_ood_score_matches_scipy() -> None:
     np.testing.assert_allclose(got, np.min(dists, 0) / 5, rtol=1e-3)
 
 
-@pytest.mark.parametrize("scaling", ["cluster", "global"])
-def test_knn_ood_score_matches_sklearn_neighbours(scaling: str) -> None:
+@pytest.mark.parametrize(("scaling", "metric"), [("cluster", "euclidean"), ("global", "euclidean"),
+                                               ("cluster", "cosine")])
+def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str) -> None:
     """``ood_score: knn``: mean over k of log(k-th neighbour distance / its cluster's median) -- or,
     with ``ood_scaling: global``, the median over all training samples -- against scikit-learn's
-    NearestNeighbors and numpy medians."""
+    NearestNeighbors and numpy medians. ``ood_metric: cosine``: scikit-learn's cosine distances
+    ``d``, as the chord length ``sqrt(2 d)`` between unit vectors."""
     from sklearn.neighbors import NearestNeighbors
 
     from clusterlight.methods import DebiasedClustering
@@ -117,20 +119,25 @@ def test_knn_ood_score_matches_sklearn_neighbours(scaling: str) -> None:
     rng = np.random.default_rng(7)
     ks = [1, 3, 8]
     model = DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), latent_dim=4, widths=[8, 8],
-                               ood_score="knn", ood_neighbours=ks, ood_scaling=scaling)
+                               ood_score="knn", ood_neighbours=ks, ood_scaling=scaling, ood_metric=metric)
     x = rng.normal(size=(90, 4)) * rng.uniform(0.5, 2.0, 4)
     cluster = rng.integers(0, 3, 90)
     cluster[cluster == 2] = 1  # cluster 2 is empty: its scale is the median over all samples
     model._fit_knn_bank(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(cluster))
-    nn_ = NearestNeighbors(n_neighbors=max(ks) + 1).fit(x)
-    train_d = nn_.kneighbors(x)[0][:, 1:]  # themselves excluded
+    if metric == "cosine":
+        nn_ = NearestNeighbors(n_neighbors=max(ks) + 1, metric="cosine", algorithm="brute").fit(x)
+        chord = lambda d: np.sqrt(2 * np.clip(d, 0, None))  # noqa: E731
+    else:
+        nn_ = NearestNeighbors(n_neighbors=max(ks) + 1).fit(x)
+        chord = lambda d: d  # noqa: E731
+    train_d = chord(nn_.kneighbors(x)[0][:, 1:])  # themselves excluded
     scale = np.array([[np.median(train_d[cluster == c, k - 1]) if (cluster == c).any() and scaling == "cluster"
                        else np.median(train_d[:, k - 1]) for c in range(3)] for k in ks])
     np.testing.assert_allclose(model.ood_scale.numpy(), scale, rtol=1e-4)
     z = rng.normal(size=(7, 4)) * 2
     zc = np.array([0, 1, 2, 0, 1, 2, 0])
     got = model._knn_scores(torch.as_tensor(z, dtype=torch.float32), torch.as_tensor(zc)).numpy()
-    test_d = nn_.kneighbors(z, n_neighbors=max(ks))[0]
+    test_d = chord(nn_.kneighbors(z, n_neighbors=max(ks))[0])
     ref = np.mean([np.log(test_d[:, k - 1] / scale[i, zc]) for i, k in enumerate(ks)], 0)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
     train_ref = np.mean([np.log(train_d[:, k - 1] / scale[i, cluster]) for i, k in enumerate(ks)], 0)
@@ -283,8 +290,12 @@ def test_checkpoint_loads_with_other_neighbour_views_and_ood_neighbours(tmp_path
     other_scaling = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_scaling="global")
     other_scaling.load_state_dict(state)
     assert other_scaling.ood_bank.shape[0] == 0 and bool(other_scaling.ood_scaling_global)
-    # a checkpoint from before ood_scaling (no flag) was made per cluster: kept by the default
-    old = {k: v for k, v in state.items() if k != "ood_scaling_global"}
+    # a bank of Euclidean features, loaded with ood_metric cosine: emptied likewise
+    other_metric = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_metric="cosine")
+    other_metric.load_state_dict(state)
+    assert other_metric.ood_bank.shape[0] == 0 and bool(other_metric.ood_metric_cosine)
+    # a checkpoint from before ood_scaling and ood_metric (no flags): per cluster, Euclidean, kept by the defaults
+    old = {k: v for k, v in state.items() if k not in ("ood_scaling_global", "ood_metric_cosine")}
     before = DebiasedClustering(**small, ood_neighbours=[1, 2, 4])
     before.load_state_dict(old)
     assert torch.equal(before.ood_scale, state["ood_scale"])
@@ -384,4 +395,6 @@ def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: 
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment=bad)
     with pytest.raises(ValueError, match="ood_scaling must be"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_scaling="local")
+    with pytest.raises(ValueError, match="ood_metric must be"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_metric="manhattan")
     assert DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16)).projector is None  # off by default

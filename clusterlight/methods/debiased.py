@@ -127,7 +127,8 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        from being taken for outliers, and the scales from one to 128 neighbours catch an
        outlier next to a few training samples as well as one in a sparse region
        (``ood_scaling: global`` divides by the median over all training samples instead, so the
-       score ranks as the plain mean log distance; the USPS configs use it). The bank of
+       score ranks as the plain mean log distance; ``ood_metric: cosine`` compares the features'
+       directions only; the USPS configs use both). The bank of
        training features and the scales are recomputed from the whole training split before
        every validation (one pass of ``R``), so they belong to the weights they are saved with
        (checkpoints carry them). The alternatives: ``full_mahalanobis``, the smallest
@@ -209,6 +210,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         ood_scaling: the divisor of each ``k``-NN distance in ``ood_score: knn``: ``cluster``, the
             median over the training samples of the sample's cluster (item 3), or ``global``, the
             median over all training samples (the score then ranks as the mean log distance).
+        ood_metric: the distance of ``ood_score: knn``: ``euclidean``, or ``cosine`` (Euclidean
+            distance between the features scaled to unit length, ``sqrt(2 (1 - cos))``: the same
+            neighbours and the same ranking of scores as the cosine distance).
         reject_quantile: leave unassigned the samples whose OOD score is above this quantile of
             the training scores (``null``: assign every sample).
         kmeans_n_init: starts of the initial partition (mixture fits or k-means restarts).
@@ -248,6 +252,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         ood_shrinkage: float = 0.01,
         ood_neighbours: list[int] = [1, 2, 4, 8, 16, 32, 64, 128],  # noqa: B006
         ood_scaling: Literal["cluster", "global"] = "cluster",
+        ood_metric: Literal["euclidean", "cosine"] = "euclidean",
         reject_quantile: float | None = None,
         kmeans_n_init: int = 10,
         kmeans_seed: int = 0,
@@ -293,8 +298,13 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if ood_scaling not in ("cluster", "global"):
             raise ClusterlightError(f"ood_scaling must be 'cluster' or 'global', got {ood_scaling!r}")
         self.ood_scaling = ood_scaling
+        if ood_metric not in ("euclidean", "cosine"):
+            raise ClusterlightError(f"ood_metric must be 'euclidean' or 'cosine', got {ood_metric!r}")
+        self.ood_metric = ood_metric
         # which scaling made the saved scales: a checkpoint loaded with the other one recomputes them
         self.register_buffer("ood_scaling_global", torch.tensor(ood_scaling == "global"))
+        # and which metric made the saved bank (unit-length features for cosine): likewise
+        self.register_buffer("ood_metric_cosine", torch.tensor(ood_metric == "cosine"))
         # ood_score knn: R's features of the training split (the bank), the median distance of a
         # training sample of each cluster to its ood_neighbours-th neighbour, and every training
         # sample's own score (for reject_quantile); set with spb_ood, saved in checkpoints
@@ -416,6 +426,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         every cluster with ``ood_scaling: global``. Every rank
         computes the same values from the same whole-split tensors.
         """
+        z_r = self._knn_space(z_r)
         ks = self._ks(len(z_r))
         dist = knn_graph(z_r, ks[-1])[1].clamp_min(0.0).sqrt()  # (N, k_max), increasing
         kth = dist[:, [k - 1 for k in ks]]  # (N, len(ood_neighbours))
@@ -429,6 +440,11 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         # a cluster of (near-)duplicates has a median distance of about 0: floor it relative to the data
         self.ood_scale = torch.maximum(scale, 1e-3 * overall[:, None]).float()
         self.ood_train_scores = self._scaled_log_distances(kth, cluster)
+
+    def _knn_space(self, z_r: Tensor) -> Tensor:
+        """``R``'s features as the k-NN score compares them: float32, unit length with ``ood_metric: cosine``."""
+        z = z_r.float()
+        return F.normalize(z, dim=1) if self.ood_metric == "cosine" else z
 
     def _ks(self, n_train: int) -> list[int]:
         """``ood_neighbours``, each capped at ``n_train - 1`` (the most neighbours a training sample has)."""
@@ -449,7 +465,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         few training samples and one in a sparse region.
         """
         bank = self.ood_bank
-        z = z_r.float()
+        z = self._knn_space(z_r)
         if len(z) == 0:
             return z.new_zeros(0)
         ks = self._ks(bank.shape[0])
@@ -621,12 +637,14 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if self.projector is None:  # and one trained with them, loaded without: the head is not needed
             for key in [key for key in state_dict if key.startswith(prefix + "projector.")]:
                 del state_dict[key]
-        # scales made with the other ood_scaling (checkpoints from before the option: cluster): recomputed
-        saved_global = state_dict.get(prefix + "ood_scaling_global")
-        if (False if saved_global is None else bool(saved_global)) != bool(self.ood_scaling_global):
-            for name in ("ood_bank", "ood_scale", "ood_train_scores"):
-                state_dict.pop(prefix + name, None)
-        state_dict[prefix + "ood_scaling_global"] = self.ood_scaling_global.clone()
+        # a bank and scales made with the other ood_scaling or ood_metric (checkpoints from before
+        # these options: cluster, euclidean): recomputed
+        for flag in ("ood_scaling_global", "ood_metric_cosine"):
+            saved = state_dict.get(prefix + flag)
+            if (False if saved is None else bool(saved)) != bool(getattr(self, flag)):
+                for name in ("ood_bank", "ood_scale", "ood_train_scores"):
+                    state_dict.pop(prefix + name, None)
+            state_dict[prefix + flag] = getattr(self, flag).clone()
         # other ood_neighbours than the checkpoint's: the bank and scales are recomputed
         saved_scale = state_dict.get(prefix + "ood_scale")
         if saved_scale is not None and saved_scale.shape != self.ood_scale.shape:
