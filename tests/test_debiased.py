@@ -106,7 +106,7 @@ def test_feature_mahalanobis_ood_score_matches_scipy() -> None:
 
 
 @pytest.mark.parametrize(("scaling", "metric"), [("cluster", "euclidean"), ("global", "euclidean"),
-                                               ("cluster", "cosine")])
+                                               ("cluster", "cosine"), ("global", "cosine")])
 def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str) -> None:
     """``ood_score: knn``: mean over k of log(k-th neighbour distance / its cluster's median) -- or,
     with ``ood_scaling: global``, the median over all training samples -- against scikit-learn's
@@ -119,7 +119,8 @@ def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str) -> 
     rng = np.random.default_rng(7)
     ks = [1, 3, 8]
     model = DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), latent_dim=4, widths=[8, 8],
-                               ood_score="knn", ood_neighbours=ks, ood_scaling=scaling, ood_metric=metric)
+                               ood_score="knn", ood_neighbours=ks, ood_scaling=scaling, ood_metric=metric,
+                               reject_quantile=0.8)
     x = rng.normal(size=(90, 4)) * rng.uniform(0.5, 2.0, 4)
     cluster = rng.integers(0, 3, 90)
     cluster[cluster == 2] = 1  # cluster 2 is empty: its scale is the median over all samples
@@ -142,6 +143,8 @@ def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str) -> 
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
     train_ref = np.mean([np.log(train_d[:, k - 1] / scale[i, cluster]) for i, k in enumerate(ks)], 0)
     np.testing.assert_allclose(model.ood_train_scores.numpy(), train_ref, rtol=1e-4, atol=1e-5)
+    # reject_quantile: the threshold is refitted with the bank, from its training scores
+    assert float(model.reject_threshold) == pytest.approx(np.quantile(train_ref, 0.8), rel=1e-4, abs=1e-5)
     # a training sample scored again (eval_on: all) does not count itself: its training score
     again = model._knn_scores(torch.as_tensor(x[:10], dtype=torch.float32), torch.as_tensor(cluster[:10])).numpy()
     np.testing.assert_allclose(again, train_ref[:10], rtol=1e-4, atol=1e-5)
@@ -294,6 +297,16 @@ def test_checkpoint_loads_with_other_neighbour_views_and_ood_neighbours(tmp_path
     other_metric = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_metric="cosine")
     other_metric.load_state_dict(state)
     assert other_metric.ood_bank.shape[0] == 0 and bool(other_metric.ood_metric_cosine)
+    cos = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_metric="cosine")
+    cos._fit_knn_bank(state["ood_bank"], torch.zeros(len(state["ood_bank"]), dtype=torch.long))
+    cos_state = cos.state_dict()
+    back = DebiasedClustering(**small, ood_neighbours=[1, 2, 4])  # a cosine bank, loaded as Euclidean: emptied
+    back.load_state_dict(cos_state)
+    assert back.ood_bank.shape[0] == 0 and not bool(back.ood_metric_cosine)
+    again = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_metric="cosine")  # same metric: kept
+    again.load_state_dict(cos_state)
+    assert torch.equal(again.ood_bank, cos_state["ood_bank"])
+    assert torch.allclose(again.ood_bank.norm(dim=1), torch.ones(len(again.ood_bank)))
     # a checkpoint from before ood_scaling and ood_metric (no flags): per cluster, Euclidean, kept by the defaults
     old = {k: v for k, v in state.items() if k not in ("ood_scaling_global", "ood_metric_cosine")}
     before = DebiasedClustering(**small, ood_neighbours=[1, 2, 4])

@@ -440,9 +440,17 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         # a cluster of (near-)duplicates has a median distance of about 0: floor it relative to the data
         self.ood_scale = torch.maximum(scale, 1e-3 * overall[:, None]).float()
         self.ood_train_scores = self._scaled_log_distances(kth, cluster)
+        if self.reject_quantile is not None:
+            # the threshold belongs to this bank's scores, also when a checkpoint made with other OOD
+            # settings had its bank dropped on loading (test and predict refit the bank, not the threshold)
+            self.reject_threshold.fill_(float(torch.quantile(self.ood_train_scores.float(), self.reject_quantile)))
 
     def _knn_space(self, z_r: Tensor) -> Tensor:
-        """``R``'s features as the k-NN score compares them: float32, unit length with ``ood_metric: cosine``."""
+        """``R``'s features as the k-NN score compares them: float32, unit length with ``ood_metric: cosine``.
+
+        A feature of norm 0 stays 0 (distance 1 to every unit vector); with cosine, a query pointing
+        the same way as a training feature counts as that training sample for the self-match skip.
+        """
         z = z_r.float()
         return F.normalize(z, dim=1) if self.ood_metric == "cosine" else z
 
