@@ -127,8 +127,8 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        from being taken for outliers, and the scales from one to 128 neighbours catch an
        outlier next to a few training samples as well as one in a sparse region
        (``ood_scaling: global`` divides by the median over all training samples instead, so the
-       score ranks as the plain mean log distance; ``ood_metric: cosine`` compares the features'
-       directions only; the USPS configs use both). The bank of
+       score ranks as the plain mean log distance; the USPS configs use it; ``ood_metric: cosine``
+       compares the features' directions only, no config uses it). The bank of
        training features and the scales are recomputed from the whole training split before
        every validation (one pass of ``R``), so they belong to the weights they are saved with
        (checkpoints carry them). The alternatives: ``full_mahalanobis``, the smallest
