@@ -423,8 +423,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         For each ``k`` of ``ood_neighbours``, the scale of cluster ``c`` is the median, over the
         training samples assigned to ``c``, of the distance to their ``k``-th nearest training
         sample (themselves excluded); an empty cluster takes the median over all, and so does
-        every cluster with ``ood_scaling: global``. Every rank
-        computes the same values from the same whole-split tensors.
+        every cluster with ``ood_scaling: global``. With ``reject_quantile`` the reject threshold is
+        set from the training samples' scores. Every rank computes the same values from the same
+        whole-split tensors.
         """
         z_r = self._knn_space(z_r)
         ks = self._ks(len(z_r))
@@ -753,13 +754,13 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
 
     def _set_reject_threshold(self) -> None:
         if self.ood_score_kind == "knn":
-            # the bank of the current weights (validation refits it at the same step: reuse that);
-            # the training scores exclude each sample itself
+            # _fit_knn_bank sets the threshold from its training scores (each sample's own match
+            # excluded); the bank of the current weights is enough (validation refits it at the same
+            # step: reuse that)
             if self.ood_bank.shape[0] == 0 or self._ood_fit_step != self._step_now():
                 self._fit_ood_statistics()
-            scores = self.ood_train_scores
-        else:
-            scores = self.compute_on_split(lambda x: self._outputs(x).ood_score)
+            return
+        scores = self.compute_on_split(lambda x: self._outputs(x).ood_score)
         self.reject_threshold.fill_(float(torch.quantile(scores.float(), self.reject_quantile)))
 
     def refresh_clusters(self) -> None:
