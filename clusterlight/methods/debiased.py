@@ -152,11 +152,12 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        in online hard clustering), and ``R`` also minimises the NT-Xent loss (:func:`~clusterlight.nn.contrastive.nt_xent`,
        ``contrast_weight``, ``contrast_temperature``) between the projections of the pairs over
        the global batch; each step then encodes twice as many images. With ``augment`` (a
-       strength; the USPS configs set 1, off by default and in the other configs) the view -- the
-       neighbour, or the image itself without ``neighbours`` -- goes through a random affine map
-       first (:mod:`clusterlight.nn.augment`: at strength 1, rotation up to 15 degrees, scale 0.85
-       to 1.15, shift up to 7.5 % of the size), so ``R`` also learns features that such small
-       deformations do not change (USPS with a long tail, ``fast`` budget: README, Results).
+       strength; the USPS configs set 1, Fashion-MNIST's 2, off by default and in the other
+       configs) the view -- the neighbour, or the image itself without ``neighbours`` -- goes
+       through a random affine map first (:mod:`clusterlight.nn.augment`: at strength 1,
+       rotation up to 15 degrees, scale 0.85 to 1.15, shift up to 7.5 % of the size), so ``R``
+       also learns features that such small deformations do not change (USPS and Fashion-MNIST,
+       ``fast`` budget: README, Results).
 
     **Gradients between the networks.** ``C`` reads ``R``'s features *detached*: no gradient of
     the clustering loss reaches ``R``. The clustering loss rewards confident assignments, and
