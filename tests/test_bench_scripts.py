@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,3 +150,22 @@ def test_scaling_umap_steps(tmp_path: Path) -> None:
     assert spc["nmi"] > 0.9
     assert debiased["params"]["manifold"] == "umap" and debiased["umap_s"] > 0 and debiased["distill_s"] > 0
     assert debiased["nmi"] > 0.9
+
+
+def test_knn_purity_against_scikit_learn() -> None:
+    """``scripts/knn_purity.py``'s neighbour agreement against scikit-learn's exact neighbours."""
+    import importlib.util
+
+    from sklearn.neighbors import NearestNeighbors
+
+    spec = importlib.util.spec_from_file_location("knn_purity", Path(__file__).parents[1] / "scripts" / "knn_purity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 5))
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0.5)
+    queries = np.arange(0, 300, 7)
+    ours = mod.neighbour_purity(torch.from_numpy(x), torch.from_numpy(y), [1, 5, 20], torch.from_numpy(queries))
+    idx = NearestNeighbors(n_neighbors=21).fit(x).kneighbors(x[queries], return_distance=False)[:, 1:]
+    for k in (1, 5, 20):
+        assert ours[k] == pytest.approx((y[idx[:, :k]] == y[queries, None]).mean(), abs=1e-12)

@@ -411,3 +411,54 @@ def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: 
     with pytest.raises(ValueError, match="ood_metric must be"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_metric="manhattan")
     assert DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16)).projector is None  # off by default
+
+
+def test_rotation_negatives_add_rotated_pairs_to_the_contrast_loss(tmp_path: Path, monkeypatch) -> None:
+    """``rotation_negatives``: every contrast step encodes the batch and its view pairs at 0, 90, 180
+    and 270 degrees (checked against ``torch.rot90`` of the upright rows), pairs row ``i`` of one
+    side with row ``i`` of the other (same rotation, same image: NT-Xent over ``4B`` pairs), keeps
+    the reconstruction on the upright images only, and needs views and square images."""
+    from clusterlight.methods import DebiasedClustering, debiased
+
+    encoded, losses = [], []
+    original_loss = debiased.nt_xent
+
+    def spy_loss(a, b, temperature):
+        losses.append((a.shape, b.shape))
+        return original_loss(a, b, temperature)
+
+    monkeypatch.setattr(debiased, "nt_xent", spy_loss)
+    args = [*METHOD_ARGS["DebiasedClustering"], "--model.augment=1.0", "--model.rotation_negatives=true",
+            *data_args("digits", max_samples=300), *base_args(tmp_path, epochs=2)]
+    cli = main(args, run=False)
+    model = cli.model
+    original_encode = model.representation.encode
+
+    def spy_encode(x):
+        encoded.append(x.detach().clone())
+        return original_encode(x)
+
+    monkeypatch.setattr(model.representation, "encode", spy_encode)
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    train_images = torch.stack([cli.datamodule.train_dataset[i]["image"] for i in range(len(cli.datamodule.train_dataset))])
+    assert train_images.shape[0] > 0 and losses
+
+    def rotated_stack(x: torch.Tensor) -> bool:
+        b = len(x) // 8
+        return len(x) == 8 * b and b > 0 and all(
+            torch.equal(x[r * b:(r + 1) * b], torch.rot90(x[:b], r, (2, 3)))
+            and torch.equal(x[(4 + r) * b:(5 + r) * b], torch.rot90(x[4 * b:5 * b], r, (2, 3))) for r in (1, 2, 3))
+
+    calls = iter(encoded)
+    for sa, sb in losses:  # each contrast loss follows one encoding of the rotated stack, in order
+        assert sa == sb
+        x = next((x for x in calls if len(x) == 2 * sa[0] and rotated_stack(x)), None)
+        assert x is not None, f"no encoding of a rotated stack of {2 * sa[0]} images before the loss"
+        b = sa[0] // 4
+        assert bool((train_images == x[0]).flatten(1).all(1).any())  # upright rows are training images
+        assert not torch.equal(x[b:2 * b], x[:b])  # a rotation changes digits
+    assert float(cli.trainer.callback_metrics["train/contrast"]) > 0
+    with pytest.raises(ValueError, match="rotation_negatives needs view pairs"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), rotation_negatives=True)
+    with pytest.raises(ValueError, match="rotation_negatives needs square images"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 12), augment=1.0, rotation_negatives=True)

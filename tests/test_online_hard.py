@@ -321,3 +321,40 @@ def test_neighbours_bad_values_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(ClusterlightError, match=r"neighbours must be below the number of training images \(\d+\), got 100"):
         main(args)
     assert not (tmp_path / "runs").exists()
+
+
+def test_embedding_neighbours_are_refreshed_from_the_current_embedding(tmp_path: Path, monkeypatch) -> None:
+    """``neighbour_space: embedding``: the first epoch pairs pixel neighbours; every later epoch
+    starts with a new table, the exact k nearest neighbours (scikit-learn) of the embeddings of the
+    training split under the weights of that moment, computed here image by image."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from clusterlight.methods import OnlineHardClustering, neighbours
+
+    k, seen = 4, []
+    original = neighbours.PixelNeighbours._fit_embedding_neighbours
+
+    def spy(self):
+        images = self._datamodule().train_dataset.images.float().div(255.0)
+        was = self.training
+        self.eval()
+        with torch.no_grad():  # an independent pass: one image at a time, in dataset order
+            z = torch.cat([self.embed(images[i:i + 1]) for i in range(len(images))]).double().numpy()
+        self.train(was)
+        original(self)
+        seen.append((self.current_epoch, z, self.neighbour_index.clone()))
+
+    monkeypatch.setattr(neighbours.PixelNeighbours, "_fit_embedding_neighbours", spy)
+    cli = _fit(tmp_path, f"--model.neighbours={k}", "--model.neighbour_space=embedding")
+    assert [epoch for epoch, _, _ in seen] == [1, 2, 3, 4]
+    pixels = cli.datamodule.train_dataset.images.flatten(1).double().div(255.0).numpy()
+    for _, z, table in seen:
+        ref_d, _ = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z)
+        ours_d = np.linalg.norm(z[table.numpy()] - z[:, None, :], axis=2)
+        np.testing.assert_allclose(ours_d, ref_d[:, 1:], atol=1e-4)
+        pix_d = np.linalg.norm(pixels[table.numpy()] - pixels[:, None, :], axis=2)
+        pix_ref = NearestNeighbors(n_neighbors=k + 1).fit(pixels).kneighbors(pixels)[0][:, 1:]
+        assert not np.allclose(pix_d, pix_ref, atol=1e-5)  # no longer the pixel-space table
+    assert not torch.equal(seen[0][2], seen[-1][2])  # the table follows the training embedding
+    with pytest.raises(ValueError, match="neighbour_space must be"):
+        OnlineHardClustering(neighbours=k, neighbour_space="latent")

@@ -227,6 +227,10 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         contrast_weight: weight of the NT-Xent loss of the view pairs (neighbours and/or augmented copies) in ``R``'s loss.
         contrast_temperature: NT-Xent temperature.
         projection_dim: output size of ``R``'s projection head for the NT-Xent loss.
+        rotation_negatives: shifted instances for ``R``'s contrast loss (item 5): each view pair
+            also enters rotated by 90, 180 and 270 degrees, as three more pairs whose members are
+            negatives of the upright ones. Needs view pairs (``neighbours`` or ``augment``) and
+            square images; the contrast loss then encodes four times as many images.
         grad_clip: clip each network's gradient norm to this value (``null``: no clipping).
         optimizer_r: optimizer factory of the representation network.
         optimizer_c: optimizer factory of the clustering network.
@@ -268,6 +272,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         contrast_weight: float = 1.0,
         contrast_temperature: float = 0.5,
         projection_dim: int = 64,
+        rotation_negatives: bool = False,
         grad_clip: float | None = None,
         optimizer_r: OptimizerCallable = torch.optim.Adam,
         optimizer_c: OptimizerCallable = torch.optim.Adam,
@@ -351,6 +356,11 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self.contrast_weight = float(contrast_weight)
         self.contrast_temperature = float(contrast_temperature)
         views = neighbours > 0 or self.augment > 0
+        if rotation_negatives and not views:
+            raise ClusterlightError("rotation_negatives needs view pairs: set neighbours > 0 or augment > 0")
+        if rotation_negatives and self.input_shape[1] != self.input_shape[2]:
+            raise ClusterlightError(f"rotation_negatives needs square images, got {self.input_shape[1]}x{self.input_shape[2]}")
+        self.rotation_negatives = bool(rotation_negatives)
         self.projector = MLP(latent_dim, [2 * latent_dim], projection_dim) if views else None
         # C's target embedding of every training sample (rows by dataset index), set when clustering starts
         self.register_buffer("manifold_target", torch.zeros(0, cluster_dim))
@@ -538,10 +548,15 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             n = len(self._datamodule().train_dataset)
             u = torch.rand((n, 4), generator=self.batch_generator(batch_idx, "augment"), device=self.device)
             view = random_affine(view, u[index.to(self.device)], self.augment)
-        both = self.representation.encode(torch.cat([images, view]))
-        z_r, z_n = both[: len(images)], both[len(images):]
+        first = images
+        if self.rotation_negatives:  # shifted instances: rotated pairs, negatives of the upright ones
+            first = torch.cat([images] + [torch.rot90(images, r, (2, 3)) for r in (1, 2, 3)])
+            view = torch.cat([view] + [torch.rot90(view, r, (2, 3)) for r in (1, 2, 3)])
+        both = self.representation.encode(torch.cat([first, view]))
+        z_a, z_n = both[: len(first)], both[len(first):]
+        z_r = z_a[: len(images)]
         recon = self.representation.decode(z_r)
-        a, _ = self.gather_batch(self.projector(z_r))
+        a, _ = self.gather_batch(self.projector(z_a))
         b, _ = self.gather_batch(self.projector(z_n))
         return z_r, recon, self.gathered_loss(nt_xent(a, b, self.contrast_temperature))
 

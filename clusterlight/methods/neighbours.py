@@ -28,15 +28,25 @@ class PixelNeighbours:
     bytes, 216 MB for Fashion-MNIST at ``k`` = 500) and a resumed fit computes the same table
     again. :meth:`_neighbour_images` draws one neighbour per image, by dataset index, with the
     batch's generator: the same draw for a sample whatever the number of processes.
+
+    ``neighbour_space: embedding`` (for the methods that expose it): from the second epoch on,
+    the table is recomputed at the start of every epoch as the ``k`` nearest neighbours in the
+    current embedding (:meth:`embed` of the whole training split, gathered on every rank; the
+    kNN on rank 0, broadcast). A fit resumed from an end-of-epoch checkpoint recomputes the same
+    table from the same weights; one resumed mid-epoch uses the pixel table until the next epoch.
     """
 
     neighbours: int
+    neighbour_space: str
     neighbour_index: Tensor
 
-    def _init_neighbours(self, neighbours: int) -> None:
+    def _init_neighbours(self, neighbours: int, space: str = "pixel") -> None:
         if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 0:
             raise ClusterlightError(f"neighbours must be a non-negative integer, got {neighbours!r}")
+        if space not in ("pixel", "embedding"):
+            raise ClusterlightError(f"neighbour_space must be 'pixel' or 'embedding', got {space!r}")
         self.neighbours = neighbours
+        self.neighbour_space = space
         self.register_buffer("neighbour_index", torch.zeros(0, neighbours, dtype=torch.long), persistent=False)
 
     def check_data(self, datamodule: Any) -> None:
@@ -49,6 +59,20 @@ class PixelNeighbours:
         super().on_fit_start()  # type: ignore[misc]
         if self.neighbours > 0:
             self._fit_neighbours()
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()  # type: ignore[misc]
+        if self.neighbours > 0 and self.neighbour_space == "embedding" and self.current_epoch >= 1:
+            self._fit_embedding_neighbours()
+
+    @torch.no_grad()
+    def _fit_embedding_neighbours(self) -> None:
+        """The kNN table of the training split in the current embedding; every rank calls this."""
+        z = self.compute_on_split(self.embed).float()  # every rank: the whole split, by dataset index
+        table = knn_graph(z, self.neighbours)[0] if self.trainer.is_global_zero else None
+        self.neighbour_index = self.broadcast_tensor(table).long()
+        rank_zero_info(f"{type(self).__name__}: epoch {self.current_epoch}, {self.neighbours} embedding-space "
+                       f"neighbours of {len(z)} training images")
 
     def _fit_neighbours(self) -> None:
         """The pixel-space kNN table of the training split (rank 0, broadcast); every rank calls this."""

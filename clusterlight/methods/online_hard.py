@@ -108,6 +108,9 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         neighbours: ``0`` (the reference) or ``k``: every training image is paired with one of its
             ``k`` nearest neighbours in pixel space, drawn afresh at each step (see *Neighbour
             pairs* above).
+        neighbour_space: where the neighbours are found: ``pixel`` (at fit start, kept), or
+            ``embedding`` (pixel space for the first epoch, then recomputed in the current
+            embedding at the start of every later epoch; :class:`~clusterlight.methods.neighbours.PixelNeighbours`).
         sinkhorn_epsilon: entropic temperature of the Sinkhorn baseline (reference: 0.5).
         sinkhorn_iters: Sinkhorn-Knopp iterations (reference: 15).
         entropy_weight: weight of the KL-to-uniform term of the entropy baseline.
@@ -134,6 +137,7 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         centroid_init: Literal["random", "kmeans"] = "random",
         embedding_norm: Literal["none", "batch"] = "none",
         neighbours: int = 0,
+        neighbour_space: Literal["pixel", "embedding"] = "pixel",
         sinkhorn_epsilon: float = 0.5,
         sinkhorn_iters: int = 15,
         entropy_weight: float = 1.0,
@@ -181,7 +185,7 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         self.register_buffer("cluster_prior", torch.full((self.num_clusters,), 1.0 / self.num_clusters))
         self.register_buffer("centroids_initialised", torch.tensor(centroid_init == "random"))
         # (N, k) pixel-space neighbours of the training split, recomputed at every fit start
-        self._init_neighbours(neighbours)
+        self._init_neighbours(neighbours, neighbour_space)
 
     # ------------------------------------------------------------------ costs and assignments
     def embed(self, images: Tensor) -> Tensor:
