@@ -4,21 +4,23 @@ A diagnostic for the neighbour pairs of online hard clustering and of the flagsh
 is paired with one of its ``k`` nearest neighbours): the pairs can only be as right as this
 fraction. Labels are read here to measure it and nowhere else; no method reads this script.
 
-    python scripts/knn_purity.py --root /usr/share/datasets/fashion-mnist --n 63000 --ks 10 50 200 500
+    python scripts/knn_purity.py --dataset fashion_mnist --root /usr/share/datasets/fashion-mnist \
+        --n 63000 --ks 10 50 200 500
 
-The queries are every ``--stride``-th image; each query's neighbours are searched among all
-``--n`` images (itself excluded). Spaces: raw pixels in [0, 1], the first 50 principal
+The images are the data set's ``all`` split (clusterlight's loader); ``--n`` of them are drawn
+(seeded), every ``--stride``-th of those is a query, and each query's neighbours are searched
+among all ``--n`` (itself excluded). Spaces: raw pixels in [0, 1], the first 50 principal
 components, pixels scaled to unit length (cosine), and each image standardised on its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from clusterlight.data.datasets import DATASETS
 
 
 def neighbour_purity(x: torch.Tensor, y: torch.Tensor, ks: list[int], queries: torch.Tensor) -> dict[int, float]:
@@ -37,22 +39,17 @@ def neighbour_purity(x: torch.Tensor, y: torch.Tensor, ks: list[int], queries: t
     return {k: sum(v) / (len(queries) * k) for k, v in out.items()}
 
 
-def _idx(path: Path, offset: int) -> np.ndarray:
-    return np.frombuffer(gzip.open(path).read(), np.uint8, offset=offset)
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict[int, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="/usr/share/datasets/fashion-mnist", help="folder of the idx .gz files")
-    parser.add_argument("--n", type=int, default=63000, help="images drawn (seeded) from all 70,000")
+    parser.add_argument("--dataset", default="fashion_mnist", choices=sorted(DATASETS))
+    parser.add_argument("--root", default="/usr/share/datasets/fashion-mnist", help="the data set's root")
+    parser.add_argument("--n", type=int, default=63000, help="images drawn (seeded) from the whole data set")
     parser.add_argument("--ks", type=int, nargs="+", default=[10, 50, 200, 500])
     parser.add_argument("--stride", type=int, default=10, help="every stride-th image is a query")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    root = Path(args.root)
-    x = np.concatenate([_idx(root / "train-images-idx3-ubyte.gz", 16), _idx(root / "t10k-images-idx3-ubyte.gz", 16)])
-    y = np.concatenate([_idx(root / "train-labels-idx1-ubyte.gz", 8), _idx(root / "t10k-labels-idx1-ubyte.gz", 8)])
-    x = x.reshape(len(y), -1).astype(np.float32) / 255.0
+    data = DATASETS[args.dataset].load(args.root, split="all")
+    x, y = data.images.reshape(len(data.images), -1).astype(np.float32) / 255.0, data.labels
     keep = np.random.default_rng(args.seed).permutation(len(y))[: args.n]
     pixels, labels = torch.from_numpy(x[keep]), torch.from_numpy(y[keep].astype(np.int64))
     queries = torch.arange(0, len(labels), args.stride)
