@@ -358,3 +358,53 @@ def test_embedding_neighbours_are_refreshed_from_the_current_embedding(tmp_path:
     assert not torch.equal(seen[0][2], seen[-1][2])  # the table follows the training embedding
     with pytest.raises(ValueError, match="neighbour_space must be"):
         OnlineHardClustering(neighbours=k, neighbour_space="latent")
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_several_neighbour_draws_are_assigned_as_one_group(monkeypatch) -> None:
+    """``neighbour_draws: 3``: each image and three independently drawn table neighbours are
+    assigned together on the mean of their four cost rows (checked against a per-view loop)."""
+    from types import SimpleNamespace
+
+    from clusterlight.cluster.assignment import greedy_hard_assign
+    from clusterlight.methods import OnlineHardClustering
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 40, 5
+    pixels = torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8)
+    model = OnlineHardClustering(num_clusters=4, input_shape=(1, 8, 8), latent_dim=6, widths=[4, 8], norm="none",
+                                 neighbours=k, neighbour_draws=3, sigma=1.0).eval()
+    model.neighbour_index = torch.randint(0, n, (n, k), generator=gen)
+    monkeypatch.setattr(model, "_datamodule", lambda: SimpleNamespace(train_dataset=SimpleNamespace(images=pixels)))
+    index = torch.tensor([3, 11, 0, 27, 39, 8])
+    images = pixels[index].float() / 255.0
+    with torch.no_grad():
+        loss = model.fit_step(images, index, batch_idx=4)
+        draws = [model._neighbour_images(index, 4, j) for j in range(3)]
+        for view in draws:  # every draw is a neighbour from the sample's table row
+            for row, i in enumerate(index.tolist()):
+                assert any(torch.equal(view[row], pixels[j].float() / 255.0) for j in model.neighbour_index[i].tolist())
+        # independent draws: over all samples, the three draws do not all pick the same neighbours
+        everyone = torch.arange(n)
+        assert not torch.equal(model._neighbour_images(everyone, 4, 0), model._neighbour_images(everyone, 4, 1))
+        # reference: per view, per point, per cluster squared distances / sigma, then the mean of the 4 views
+        mu = model.centroids
+        rows = []
+        for view in [images, *draws]:
+            z = model.embed(view)
+            rows.append(torch.stack([torch.stack([((z[b] - mu[c]) ** 2).sum() for c in range(4)])
+                                     for b in range(len(index))]))
+        cost = sum(rows) / 4
+        assign = greedy_hard_assign(cost)
+        expected = torch.stack([cost[b, assign[b]] for b in range(len(index))]).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_neighbour_draws_bad_values_are_one_line_errors() -> None:
+    from clusterlight.errors import ClusterlightError
+    from clusterlight.methods import OnlineHardClustering
+
+    with pytest.raises(ClusterlightError, match="neighbour_draws must be a positive integer"):
+        OnlineHardClustering(neighbours=5, neighbour_draws=0)
+    with pytest.raises(ClusterlightError, match="needs neighbours > 0"):
+        OnlineHardClustering(neighbour_draws=2)

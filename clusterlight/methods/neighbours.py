@@ -85,11 +85,13 @@ class PixelNeighbours:
         self.neighbour_index = self.broadcast_tensor(table).long()
         rank_zero_info(f"{type(self).__name__}: {self.neighbours} pixel-space neighbours of {len(images)} training images")
 
-    def _neighbour_images(self, index: Tensor, batch_idx: int) -> Tensor:
+    def _neighbour_images(self, index: Tensor, batch_idx: int, draw_id: int = 0) -> Tensor:
         """One of the ``k`` pixel-space neighbours of each sample (scaled to [0, 1]), drawn per
-        dataset index (the same draw for a sample whatever the number of processes)."""
+        dataset index (the same draw for a sample whatever the number of processes). ``draw_id``
+        picks an independent draw of the same step (``0``: the first)."""
         table = self.neighbour_index
-        draw = torch.randint(self.neighbours, (table.shape[0],), generator=self.batch_generator(batch_idx, "neighbour"),
+        purpose = "neighbour" if draw_id == 0 else f"neighbour{draw_id}"
+        draw = torch.randint(self.neighbours, (table.shape[0],), generator=self.batch_generator(batch_idx, purpose),
                              device=self.device)
         rows = index.to(table.device)
         nbr = table[rows, draw[rows].to(table.device)]

@@ -77,9 +77,11 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
     image is paired with one of its neighbours, drawn afresh at every step (the same draw on every
     rank). The neighbour stands in for an augmented view: the pair is assigned as one unit by the
     chosen assignment on the mean of the two costs, and the loss is that mean cost of the assigned
-    cluster, so both images are pulled to the same centroid. No label is involved; evaluation is
-    unchanged (each image alone, nearest centroid). A ``k`` of about 1 % of the training images
-    worked best on Fashion-MNIST (README, Results); each step encodes twice as many images.
+    cluster, so both images are pulled to the same centroid (``neighbour_draws: m`` draws ``m``
+    neighbours per image, and the group of ``1 + m`` images is assigned on its mean cost). No
+    label is involved; evaluation is unchanged (each image alone, nearest centroid). A ``k`` of
+    about 1 % of the training images worked best on Fashion-MNIST (README, Results); each step
+    encodes ``1 + m`` times as many images.
 
     Args:
         num_clusters: number of clusters (linked from the DataModule).
@@ -108,6 +110,9 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         neighbours: ``0`` (the reference) or ``k``: every training image is paired with one of its
             ``k`` nearest neighbours in pixel space, drawn afresh at each step (see *Neighbour
             pairs* above).
+        neighbour_draws: neighbours drawn per image at each step (independently, with
+            replacement); the image and its draws are assigned as one group on the mean of their
+            costs, and each step encodes ``1 + neighbour_draws`` times as many images.
         neighbour_space: where the neighbours are found: ``pixel`` (at fit start, kept), or
             ``embedding`` (pixel space for the first epoch, then recomputed in the current
             embedding at the start of every later epoch; :class:`~clusterlight.methods.neighbours.PixelNeighbours`).
@@ -138,6 +143,7 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         embedding_norm: Literal["none", "batch"] = "none",
         neighbours: int = 0,
         neighbour_space: Literal["pixel", "embedding"] = "pixel",
+        neighbour_draws: int = 1,
         sinkhorn_epsilon: float = 0.5,
         sinkhorn_iters: int = 15,
         entropy_weight: float = 1.0,
@@ -186,6 +192,11 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         self.register_buffer("centroids_initialised", torch.tensor(centroid_init == "random"))
         # (N, k) pixel-space neighbours of the training split, recomputed at every fit start
         self._init_neighbours(neighbours, neighbour_space)
+        if isinstance(neighbour_draws, bool) or not isinstance(neighbour_draws, int) or neighbour_draws < 1:
+            raise ClusterlightError(f"neighbour_draws must be a positive integer, got {neighbour_draws!r}")
+        if neighbour_draws > 1 and neighbours == 0:
+            raise ClusterlightError("neighbour_draws > 1 needs neighbours > 0")
+        self.neighbour_draws = neighbour_draws
 
     # ------------------------------------------------------------------ costs and assignments
     def embed(self, images: Tensor) -> Tensor:
@@ -229,9 +240,10 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
     # ------------------------------------------------------------------ hooks
     def fit_step(self, images: Tensor, index: Tensor, batch_idx: int) -> Tensor:
         if self.neighbours > 0:
-            pair = torch.cat([images, self._neighbour_images(index, batch_idx)])
-            both = self.costs(self.embed(pair))
-            cost = 0.5 * (both[: len(images)] + both[len(images):])  # the pair's mean cost per cluster
+            views = [images, *(self._neighbour_images(index, batch_idx, j) for j in range(self.neighbour_draws))]
+            every = self.costs(self.embed(torch.cat(views)))
+            # the group's (image and its drawn neighbours) mean cost per cluster
+            cost = every.view(len(views), len(images), -1).mean(dim=0)
         else:
             cost = self.costs(self.embed(images))
         assign = self.assign(cost)
