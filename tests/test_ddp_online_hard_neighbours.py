@@ -1,9 +1,9 @@
 """DDP equals one device: OnlineHardClustering with neighbour pairs (one DDP test per file).
 
 The kNN table is computed on rank 0 and broadcast, and each sample's neighbour is drawn by its
-dataset index from a generator seeded by the run, epoch and batch: with ``global_assignment`` the
-two processes pair every image with the same neighbour as one process does, assign the same
-global batch of pairs, and end with the same clusters.
+dataset index from a generator seeded by the run, epoch, batch and draw: with ``global_assignment``
+the two processes group every image with the same two neighbours (``neighbour_draws: 2``) as one
+process does, assign the same global batch of groups, and end with the same clusters.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.ddp
 
 def test_two_gloo_processes_pair_and_cluster_as_one_process(tmp_path) -> None:
     kwargs = {"widths": [16, 32], "latent_dim": 16, "centroid_init": "kmeans", "kmeans_n_init": 1,
-              "global_assignment": True, "norm": "group", "neighbours": 5}
+              "global_assignment": True, "norm": "group", "neighbours": 5, "neighbour_draws": 2}
     one, two = fit_one_and_two(OnlineHardClustering, kwargs, tmp_path, epochs=3, state_attrs=("neighbour_index",))
     assert_ranks_identical(two)
     assert_same_as_one_process(one, two[0])
