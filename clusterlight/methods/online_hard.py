@@ -190,7 +190,8 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         self.kmeans_seed = kmeans_seed
         self.register_buffer("cluster_prior", torch.full((self.num_clusters,), 1.0 / self.num_clusters))
         self.register_buffer("centroids_initialised", torch.tensor(centroid_init == "random"))
-        # (N, k) pixel-space neighbours of the training split, recomputed at every fit start
+        # (N, k) neighbours of the training split: pixel space at every fit start, then (neighbour_space
+        # embedding) the current embedding at every later epoch start
         self._init_neighbours(neighbours, neighbour_space)
         if isinstance(neighbour_draws, bool) or not isinstance(neighbour_draws, int) or neighbour_draws < 1:
             raise ClusterlightError(f"neighbour_draws must be a positive integer, got {neighbour_draws!r}")
