@@ -169,3 +169,20 @@ def test_knn_purity_against_scikit_learn() -> None:
     idx = NearestNeighbors(n_neighbors=21).fit(x).kneighbors(x[queries], return_distance=False)[:, 1:]
     for k in (1, 5, 20):
         assert ours[k] == pytest.approx((y[idx[:, :k]] == y[queries, None]).mean(), abs=1e-12)
+
+
+def test_ood_view_probe_distance_against_scikit_learn() -> None:
+    """``scripts/ood_view_probe.py``'s mean log k-NN distance against scikit-learn's exact neighbours."""
+    import importlib.util
+
+    from sklearn.neighbors import NearestNeighbors
+
+    path = Path(__file__).parents[1] / "scripts" / "ood_view_probe.py"
+    spec = importlib.util.spec_from_file_location("ood_view_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(4)
+    bank, queries = rng.normal(size=(1500, 6)), rng.normal(size=(1100, 6)) * 1.5
+    ours = mod.log_knn_distance(torch.from_numpy(bank), torch.from_numpy(queries), (1, 2, 4)).numpy()
+    dist = NearestNeighbors(n_neighbors=4).fit(bank).kneighbors(queries)[0]
+    np.testing.assert_allclose(ours, np.log(dist[:, [0, 1, 3]]).mean(1), rtol=1e-9, atol=1e-9)
