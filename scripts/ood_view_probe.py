@@ -80,16 +80,18 @@ def probe(record: dict, views: int, strength: float) -> dict[str, float]:
 
     u = torch.rand((views, 4), generator=torch.Generator().manual_seed(0))
     thetas = affine_theta(u, strength, tuple(test.shape[-2:]))
-    z_train, z_test = encode(train), encode(test)
-    z_views = [encode(warp(test, thetas[j:j + 1].expand(len(test), 2, 3))) for j in range(views)]
-    model_score = torch.cat([model._outputs(test[i:i + 512]).ood_score for i in range(0, len(test), 512)])
+    z_train = encode(train)
+    z_all = [encode(test)] + [encode(warp(test, thetas[j:j + 1].expand(len(test), 2, 3))) for j in range(views)]
     p_train = project(z_train)
+    # per view (the image first, then its copies): the score in R's features and in the projections
+    feat = torch.stack([log_knn_distance(z_train, z) for z in z_all])
+    proj = torch.stack([log_knn_distance(p_train, project(z)) for z in z_all])
     scores = {
-        "model": model_score,
-        "features": log_knn_distance(z_train, z_test),
-        "features_views": torch.stack([log_knn_distance(z_train, z) for z in [z_test, *z_views]]).mean(0),
-        "projection": log_knn_distance(p_train, project(z_test)),
-        "projection_views": torch.stack([log_knn_distance(p_train, project(z)) for z in [z_test, *z_views]]).mean(0),
+        "model": torch.cat([model._outputs(test[i:i + 512]).ood_score for i in range(0, len(test), 512)]),
+        "features": feat[0],
+        "features_views": feat.mean(0),
+        "projection": proj[0],
+        "projection_views": proj.mean(0),
     }
     return {name: float(roc_auc_score(y, s.numpy())) for name, s in scores.items()}
 
