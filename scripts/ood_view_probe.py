@@ -16,9 +16,11 @@ The copies are the same ``--views`` affine maps for every image (``clusterlight.
 ``--strength``, drawn once from a seeded generator). The training split (no OOD class in it) is
 the bank. Labels are read only for the AUROC; no method reads this script.
 
-    python scripts/ood_view_probe.py results/bench_fast_flagship.jsonl --dataset usps --split lt10_ood --seeds 0 1 2 3 4
+    python scripts/ood_view_probe.py results/bench_fast_flagship.jsonl --dataset usps --split lt10_ood --seeds 0 1 2 3 4 \\
+        --variants nolocal --override model.init_args.ood_local_weight=0
     python scripts/ood_view_probe.py results/bench_fast_flagship_ood_classes.jsonl --dataset usps \\
-        --split lt10_ood --seeds 0 --variants ood0 ood1 ood2 ood3 ood4 ood5 ood6 ood7 ood8
+        --split lt10_ood --seeds 0 --variants ood0 ood1 ood2 ood3 ood4 ood5 ood6 ood7 ood8 \\
+        --override model.init_args.ood_local_weight=0
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ def log_knn_distance(bank: torch.Tensor, queries: torch.Tensor, ks: tuple[int, .
     return torch.cat(out)
 
 
-def load_run(record: dict):
-    args = [a for a in record["args"] if not a.startswith("--test_after_fit")]
+def load_run(record: dict, overrides: list[str] = ()):
+    args = [a for a in record["args"] if not a.startswith("--test_after_fit")] + [f"--{o}" for o in overrides]
     root = next(a.split("=", 1)[1] for a in args if a.startswith("--trainer.default_root_dir"))
     ckpts = sorted(glob.glob(f"{root}/runs/*/checkpoints/last.ckpt"))
     if not ckpts:
@@ -60,12 +62,15 @@ def load_run(record: dict):
     dm.setup("test")
     model = cli.model
     model.load_state_dict(torch.load(ckpts[-1], map_location="cpu", weights_only=False)["state_dict"])
+    if getattr(model, "ood_score_kind", None) == "knn" and model.ood_bank.shape[0] == 0:
+        raise SystemExit(f"{ckpts[-1]}: its OOD bank was made with other OOD settings than the config's today "
+                         "(its bank was dropped on loading): pass the run's settings with --override")
     return model.eval(), dm
 
 
 @torch.no_grad()
-def probe(record: dict, views: int, strength: float) -> dict[str, float]:
-    model, dm = load_run(record)
+def probe(record: dict, views: int, strength: float, overrides: list[str] = ()) -> dict[str, float]:
+    model, dm = load_run(record, overrides)
     if model.projector is None:
         raise SystemExit("this run has no projection head (no neighbours, no augment)")
     train = torch.cat([b["image"] for b in dm.train_dataloader()])
@@ -105,6 +110,9 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="+", default=[None], help="bench variants (default: the config's records)")
     p.add_argument("--views", type=int, default=8)
     p.add_argument("--strength", type=float, default=0.5)
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="config values the runs were made with, where the config differs today "
+                        "(e.g. model.init_args.ood_local_weight=0 for the nolocal records)")
     a = p.parse_args(argv)
     records = [json.loads(line) for line in Path(a.results).read_text().splitlines() if line.strip()]
     rows = []
@@ -116,7 +124,7 @@ def run(argv: list[str] | None = None) -> None:
                      and r.get("split") == a.split and r.get("seed") == seed and r.get("variant") == variant]
             if not match:
                 raise SystemExit(f"no debiased record for {a.dataset} {a.split} seed {seed} variant {variant}")
-            res = probe(match[-1], a.views, a.strength)
+            res = probe(match[-1], a.views, a.strength, a.override)
             rows.append([res[s] for s in SCORES])
             print(f"| {variant or '-'} | {seed} | " + " | ".join(f"{res[s]:.3f}" for s in SCORES) + " |", flush=True)
     mean = np.mean(rows, 0)

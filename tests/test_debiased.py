@@ -105,13 +105,15 @@ def test_feature_mahalanobis_ood_score_matches_scipy() -> None:
     np.testing.assert_allclose(got, np.min(dists, 0) / 5, rtol=1e-3)
 
 
-@pytest.mark.parametrize(("scaling", "metric"), [("cluster", "euclidean"), ("global", "euclidean"),
-                                               ("cluster", "cosine"), ("global", "cosine")])
-def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str) -> None:
+@pytest.mark.parametrize(("scaling", "metric", "local"), [("cluster", "euclidean", 0.0), ("global", "euclidean", 0.0),
+                                                        ("cluster", "cosine", 0.0), ("global", "cosine", 0.0),
+                                                        ("global", "euclidean", 0.5), ("cluster", "cosine", 1.0)])
+def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str, local: float) -> None:
     """``ood_score: knn``: mean over k of log(k-th neighbour distance / its cluster's median) -- or,
     with ``ood_scaling: global``, the median over all training samples -- against scikit-learn's
     NearestNeighbors and numpy medians. ``ood_metric: cosine``: scikit-learn's cosine distances
-    ``d``, as the chord length ``sqrt(2 d)`` between unit vectors."""
+    ``d``, as the chord length ``sqrt(2 d)`` between unit vectors. ``ood_local_weight``: minus that
+    weight times the mean training score (itself excluded) of the 5 nearest training samples."""
     from sklearn.neighbors import NearestNeighbors
 
     from clusterlight.methods import DebiasedClustering
@@ -120,7 +122,7 @@ def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str) -> 
     ks = [1, 3, 8]
     model = DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), latent_dim=4, widths=[8, 8],
                                ood_score="knn", ood_neighbours=ks, ood_scaling=scaling, ood_metric=metric,
-                               reject_quantile=0.8)
+                               reject_quantile=0.8, ood_local_weight=local, ood_local_neighbours=5)
     x = rng.normal(size=(90, 4)) * rng.uniform(0.5, 2.0, 4)
     cluster = rng.integers(0, 3, 90)
     cluster[cluster == 2] = 1  # cluster 2 is empty: its scale is the median over all samples
@@ -138,10 +140,14 @@ def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str) -> 
     z = rng.normal(size=(7, 4)) * 2
     zc = np.array([0, 1, 2, 0, 1, 2, 0])
     got = model._knn_scores(torch.as_tensor(z, dtype=torch.float32), torch.as_tensor(zc)).numpy()
-    test_d = chord(nn_.kneighbors(z, n_neighbors=max(ks))[0])
+    test_d, test_i = nn_.kneighbors(z, n_neighbors=max(ks))
+    test_d = chord(test_d)
+    own = np.mean([np.log(train_d[:, k - 1] / scale[i, cluster]) for i, k in enumerate(ks)], 0)
+    train_nbrs = nn_.kneighbors(x, n_neighbors=6)[1][:, 1:]  # the 5 nearest, themselves excluded
+    train_ref = own - local * own[train_nbrs].mean(1)
     ref = np.mean([np.log(test_d[:, k - 1] / scale[i, zc]) for i, k in enumerate(ks)], 0)
+    ref = ref - local * own[test_i[:, :5]].mean(1)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
-    train_ref = np.mean([np.log(train_d[:, k - 1] / scale[i, cluster]) for i, k in enumerate(ks)], 0)
     np.testing.assert_allclose(model.ood_train_scores.numpy(), train_ref, rtol=1e-4, atol=1e-5)
     # reject_quantile: the threshold is refitted with the bank, from its training scores
     assert float(model.reject_threshold) == pytest.approx(np.quantile(train_ref, 0.8), rel=1e-4, abs=1e-5)
@@ -307,11 +313,31 @@ def test_checkpoint_loads_with_other_neighbour_views_and_ood_neighbours(tmp_path
     again.load_state_dict(cos_state)
     assert torch.equal(again.ood_bank, cos_state["ood_bank"])
     assert torch.allclose(again.ood_bank.norm(dim=1), torch.ones(len(again.ood_bank)))
-    # a checkpoint from before ood_scaling and ood_metric (no flags): per cluster, Euclidean, kept by the defaults
-    old = {k: v for k, v in state.items() if k not in ("ood_scaling_global", "ood_metric_cosine")}
+    # training scores made without the local correction, loaded with it: emptied likewise
+    local = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_local_weight=0.5)
+    local.load_state_dict(state)
+    assert local.ood_bank.shape[0] == 0 and local.ood_bank_scores.shape[0] == 0
+    zero = torch.zeros(len(state["ood_bank"]), dtype=torch.long)
+    local._fit_knn_bank(state["ood_bank"], zero)
+    local_state = local.state_dict()
+    uncorrected = DebiasedClustering(**small, ood_neighbours=[1, 2, 4])
+    uncorrected._fit_knn_bank(state["ood_bank"], zero)
+    assert torch.allclose(local_state["ood_bank_scores"], uncorrected.ood_train_scores)
+    assert not torch.allclose(local_state["ood_train_scores"], uncorrected.ood_train_scores)
+    same_local = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_local_weight=0.5)
+    same_local.load_state_dict(local_state)
+    assert torch.equal(same_local.ood_train_scores, local_state["ood_train_scores"])
+    other_m = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_local_weight=0.5, ood_local_neighbours=8)
+    other_m.load_state_dict(local_state)
+    assert other_m.ood_bank.shape[0] == 0
+    # a checkpoint from before ood_scaling, ood_metric and the local correction (no flags, no bank
+    # scores): per cluster, Euclidean, uncorrected, kept by the defaults
+    old = {k: v for k, v in state.items()
+           if k not in ("ood_scaling_global", "ood_metric_cosine", "ood_local_setting", "ood_bank_scores")}
     before = DebiasedClustering(**small, ood_neighbours=[1, 2, 4])
     before.load_state_dict(old)
     assert torch.equal(before.ood_scale, state["ood_scale"])
+    assert torch.equal(before.ood_bank_scores, state["ood_train_scores"])
     state_b = with_views.state_dict()
     assert "projector.net.0.weight" in state_b
     DebiasedClustering(**small, ood_neighbours=[1, 2]).load_state_dict(state_b)  # strict, head dropped
@@ -408,6 +434,12 @@ def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: 
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment=bad)
     with pytest.raises(ValueError, match="ood_scaling must be"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_scaling="local")
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="ood_local_weight must be"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_local_weight=bad)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="ood_local_neighbours must be"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_local_neighbours=bad)
     with pytest.raises(ValueError, match="ood_metric must be"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_metric="manhattan")
     assert DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16)).projector is None  # off by default
