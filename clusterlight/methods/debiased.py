@@ -80,6 +80,9 @@ def _median(x: Tensor) -> Tensor:
 
 OOD_SCORES = ("knn", "full_mahalanobis", "mahalanobis", "nll")
 INIT_PARTITIONS = ("gmm", "kmeans")
+# the k-NN score's state, made together from the training split: dropped together when a checkpoint's
+# OOD settings differ from the model's (recomputed before the next evaluation)
+KNN_BANK_BUFFERS = ("ood_bank", "ood_scale", "ood_train_scores", "ood_bank_scores")
 
 
 class DebiasedClustering(PixelNeighbours, ClusteringModule):
@@ -694,6 +697,11 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         for sch in schedulers if isinstance(schedulers, list) else [schedulers]:
             sch.step()
 
+    @staticmethod
+    def _drop_knn_bank(state_dict: dict[str, Tensor], prefix: str) -> None:
+        for name in KNN_BANK_BUFFERS:
+            state_dict.pop(prefix + name, None)
+
     def _adapt_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         # the target has one row per training sample: take the checkpoint's size before loading it
         if prefix + "ood_bank_scores" not in state_dict and prefix + "ood_train_scores" in state_dict:
@@ -722,21 +730,18 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         for flag in ("ood_scaling_global", "ood_metric_cosine"):
             saved = state_dict.get(prefix + flag)
             if (False if saved is None else bool(saved)) != bool(getattr(self, flag)):
-                for name in ("ood_bank", "ood_scale", "ood_train_scores", "ood_bank_scores"):
-                    state_dict.pop(prefix + name, None)
+                self._drop_knn_bank(state_dict, prefix)
             state_dict[prefix + flag] = getattr(self, flag).clone()
         # another local correction than the checkpoint's (none before the option): likewise
         saved_local = state_dict.get(prefix + "ood_local_setting")
         saved_local = torch.zeros(2) if saved_local is None else saved_local
         if not torch.equal(saved_local.float().cpu(), self.ood_local_setting.float().cpu()):
-            for name in ("ood_bank", "ood_scale", "ood_train_scores", "ood_bank_scores"):
-                state_dict.pop(prefix + name, None)
+            self._drop_knn_bank(state_dict, prefix)
         state_dict[prefix + "ood_local_setting"] = self.ood_local_setting.clone()
         # other ood_neighbours than the checkpoint's: the bank and scales are recomputed
         saved_scale = state_dict.get(prefix + "ood_scale")
         if saved_scale is not None and saved_scale.shape != self.ood_scale.shape:
-            for name in ("ood_bank", "ood_scale", "ood_train_scores", "ood_bank_scores"):
-                state_dict.pop(prefix + name, None)
+            self._drop_knn_bank(state_dict, prefix)
         # checkpoints from before ood_score knn: an empty bank (refilled before the next evaluation)
         for name, empty in (("ood_bank", self.ood_bank.new_zeros((0, self.ood_bank.shape[1]))),
                             ("ood_scale", torch.ones_like(self.ood_scale)), ("ood_train_scores", self.ood_train_scores.new_zeros(0)),
