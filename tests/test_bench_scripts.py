@@ -186,3 +186,21 @@ def test_ood_view_probe_distance_against_scikit_learn() -> None:
     ours = mod.log_knn_distance(torch.from_numpy(bank), torch.from_numpy(queries), (1, 2, 4)).numpy()
     dist = NearestNeighbors(n_neighbors=4).fit(bank).kneighbors(queries)[0]
     np.testing.assert_allclose(ours, np.log(dist[:, [0, 1, 3]]).mean(1), rtol=1e-9, atol=1e-9)
+
+
+def test_mutual_purity_by_hand() -> None:
+    """``scripts/mutual_purity.py``'s per-class same-class share of pairs, on a hand-made table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mutual_purity", Path(__file__).parents[1] / "scripts" / "mutual_purity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    y = torch.tensor([0, 0, 0, 1, 1])
+    table = torch.tensor([[1, 3], [0, 2], [3, 4], [4, 0], [3, 2]])
+    # class 0: pairs 0-1, 0-3, 1-0, 1-2, 2-3, 2-4 -> 3 of 6 within; class 1: 3-4, 3-0, 4-3, 4-2 -> 2 of 4
+    assert mod.pair_purity(table, None, y) == {0: pytest.approx(0.5), 1: pytest.approx(0.5)}
+    # only the first count[i] entries: class 0 rows keep 1, 2, 0 -> pairs 0-1, 1-0 (2 of 2); class 1: 3-4, 4-3 (2 of 2)
+    count = torch.tensor([1, 1, 0, 1, 1])
+    assert mod.pair_purity(table, count, y) == {0: pytest.approx(1.0), 1: pytest.approx(1.0)}
+    # class 1 without any pair is left out
+    assert mod.pair_purity(table, torch.tensor([2, 2, 2, 0, 0]), y) == {0: pytest.approx(0.5)}

@@ -1,6 +1,8 @@
 """DDP equals one device: DebiasedClustering with neighbour views and the k-NN OOD score (one DDP test per file).
 
-The pixel-space kNN table is computed on rank 0 and broadcast; each image's neighbour is drawn by
+The pixel-space kNN table is computed on rank 0 and broadcast, and every rank keeps its mutual
+pairs (``mutual_neighbours``, as in the Fashion-MNIST config; plain pairs run under DDP in
+``tests/test_ddp_debiased_augment.py``); each image's neighbour is drawn by
 its dataset index; the NT-Xent loss of ``R`` is computed over the gathered global batch of pairs
 (every rank's pairs are the negatives, as on one process) with the gradient scaled by the world
 size; the k-NN bank and scales come from the whole training split on every rank.
@@ -28,10 +30,17 @@ NEIGHBOUR_KWARGS = {"widths": [16, 32], "kmeans_n_init": 2, "pretrain_epochs": 1
 
 
 def test_two_gloo_processes_contrast_pairs_and_score_as_one_process(tmp_path) -> None:
-    one, two = fit_one_and_two(DebiasedClustering, NEIGHBOUR_KWARGS, tmp_path, epochs=3,
-                               state_attrs=("neighbour_index",))
+    kwargs = {**NEIGHBOUR_KWARGS, "mutual_neighbours": True}
+    one, two = fit_one_and_two(DebiasedClustering, kwargs, tmp_path, epochs=3,
+                               state_attrs=("neighbour_index", "neighbour_count"))
     assert_ranks_identical(two)
     assert_same_as_one_process(one, two[0])
-    table = one["neighbour_index"]
+    table, count = one["neighbour_index"], one["neighbour_count"]
     assert table.shape[1] == 5 and table.shape[0] == one["state"]["ood_bank"].shape[0]  # a row per training image
-    assert torch.equal(two[0]["neighbour_index"], table) and torch.equal(two[1]["neighbour_index"], table)
+    for rank in two:
+        assert torch.equal(rank["neighbour_index"], table) and torch.equal(rank["neighbour_count"], count)
+    # only mutual pairs are kept: j in the first count[i] entries of row i has i among its own kept entries
+    rows = [set(table[j, : int(count[j])].tolist()) for j in range(len(table))]
+    for i in range(len(table)):
+        kept = table[i, : int(count[i])].tolist()
+        assert kept == [i] or all(i in rows[j] for j in kept)

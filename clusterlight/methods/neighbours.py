@@ -16,7 +16,29 @@ from torch import Tensor
 from clusterlight.cluster.agglomerative import knn_graph
 from clusterlight.errors import ClusterlightError
 
-__all__ = ["PixelNeighbours"]
+__all__ = ["PixelNeighbours", "mutual_knn"]
+
+
+def mutual_knn(table: Tensor) -> tuple[Tensor, Tensor]:
+    """Keep each row's *mutual* neighbours: ``j`` in row ``i`` stays only if ``i`` is in row ``j``.
+
+    ``table`` is a ``(N, k)`` kNN table (each row nearest first). Returns ``(kept, count)``: each
+    row's mutual neighbours first, in their original order, then the row's own index as filler;
+    ``count[i]`` is the number of mutual neighbours of ``i`` (a row with none holds only itself). Memory ``O(N k)`` (edges sorted
+    as ``i * N + j`` keys, looked up by binary search), for any ``k``.
+    """
+    n, k = table.shape
+    rows = torch.arange(n, device=table.device).unsqueeze(1).expand(n, k)
+    keys = (rows * n + table).flatten()
+    sorted_keys = keys.sort().values
+    back = (table * n + rows).flatten()  # the edge j -> i for every i -> j
+    pos = torch.searchsorted(sorted_keys, back).clamp_max(len(sorted_keys) - 1)
+    mutual = (sorted_keys[pos] == back).view(n, k)
+    count = mutual.sum(1)
+    # stable: mutual entries first in nearest-first order, the rest replaced by the row itself
+    order = (~mutual).to(torch.int8).argsort(dim=1, stable=True)
+    kept = torch.where(mutual.gather(1, order), table.gather(1, order), rows)
+    return kept, count
 
 
 class PixelNeighbours:
@@ -34,20 +56,48 @@ class PixelNeighbours:
     current embedding (:meth:`embed` of the whole training split, gathered on every rank; the
     kNN on rank 0, broadcast). A fit resumed from an end-of-epoch checkpoint recomputes the same
     table from the same weights; one resumed mid-epoch uses the pixel table until the next epoch.
+
+    ``mutual_neighbours: true`` keeps only *mutual* neighbours (:func:`mutual_knn`): ``j``
+    is a neighbour of ``i`` only if ``i`` is also among the ``k`` nearest of ``j``. On long-tailed
+    data the ``k`` nearest images of a tail-class image are mostly head-class images (there are
+    more of them everywhere), while those head images have nearer ones of their own class: the
+    plain table pairs tail images with head images and pulls them into head clusters, the mutual
+    one keeps the pairs a density imbalance does not create. An image with no mutual neighbour
+    is paired with itself (with ``augment``, an augmented copy of itself).
     """
 
     neighbours: int
     neighbour_space: str
     neighbour_index: Tensor
+    neighbour_count: Tensor
+    mutual_neighbours: bool
 
-    def _init_neighbours(self, neighbours: int, space: str = "pixel") -> None:
+    def _init_neighbours(self, neighbours: int, space: str = "pixel", mutual: bool = False) -> None:
         if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 0:
             raise ClusterlightError(f"neighbours must be a non-negative integer, got {neighbours!r}")
         if space not in ("pixel", "embedding"):
             raise ClusterlightError(f"neighbour_space must be 'pixel' or 'embedding', got {space!r}")
+        if not isinstance(mutual, bool):
+            raise ClusterlightError(f"mutual_neighbours must be true or false, got {mutual!r}")
+        if mutual and neighbours == 0:
+            raise ClusterlightError("mutual_neighbours needs neighbours > 0")
         self.neighbours = neighbours
         self.neighbour_space = space
+        self.mutual_neighbours = mutual
         self.register_buffer("neighbour_index", torch.zeros(0, neighbours, dtype=torch.long), persistent=False)
+        # with mutual_neighbours: how many of each row's entries are mutual neighbours (at least 1)
+        self.register_buffer("neighbour_count", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    def _set_neighbour_table(self, table: Tensor, what: str, n: int) -> None:
+        """Store the broadcast table (every rank); with ``mutual_neighbours``, only the mutual ones."""
+        table = table.long()
+        if self.mutual_neighbours:
+            table, count = mutual_knn(table)
+            alone = int((count == 0).sum())
+            self.neighbour_count = count.clamp_min(1)  # none: the row's first entry, the image itself
+            rank_zero_info(f"{type(self).__name__}: {what}: {float(count.float().mean()):.1f} mutual of {self.neighbours} "
+                           f"per image on average, {alone} of {n} images without one (paired with themselves)")
+        self.neighbour_index = table
 
     def check_data(self, datamodule: Any) -> None:
         super().check_data(datamodule)  # type: ignore[misc]
@@ -70,7 +120,7 @@ class PixelNeighbours:
         """The kNN table of the training split in the current embedding; every rank calls this."""
         z = self.compute_on_split(self.embed).float()  # every rank: the whole split, by dataset index
         table = knn_graph(z, self.neighbours)[0] if self.trainer.is_global_zero else None
-        self.neighbour_index = self.broadcast_tensor(table).long()
+        self._set_neighbour_table(self.broadcast_tensor(table), f"epoch {self.current_epoch}", len(z))
         rank_zero_info(f"{type(self).__name__}: epoch {self.current_epoch}, {self.neighbours} embedding-space "
                        f"neighbours of {len(z)} training images")
 
@@ -82,7 +132,7 @@ class PixelNeighbours:
         table = None
         if self.trainer.is_global_zero:
             table = knn_graph(images.flatten(1).float().div(255.0).to(self.device), self.neighbours)[0]
-        self.neighbour_index = self.broadcast_tensor(table).long()
+        self._set_neighbour_table(self.broadcast_tensor(table), "pixel space", len(images))
         rank_zero_info(f"{type(self).__name__}: {self.neighbours} pixel-space neighbours of {len(images)} training images")
 
     def _neighbour_images(self, index: Tensor, batch_idx: int, draw_id: int = 0) -> Tensor:
@@ -91,8 +141,12 @@ class PixelNeighbours:
         picks an independent draw of the same step (``0``: the first)."""
         table = self.neighbour_index
         purpose = "neighbour" if draw_id == 0 else f"neighbour{draw_id}"
-        draw = torch.randint(self.neighbours, (table.shape[0],), generator=self.batch_generator(batch_idx, purpose),
-                             device=self.device)
+        gen = self.batch_generator(batch_idx, purpose)
+        if self.mutual_neighbours:  # uniform over each row's mutual neighbours (the first count[i] entries)
+            u = torch.rand((table.shape[0],), generator=gen, device=self.device).to(table.device)
+            draw = (u * self.neighbour_count).long().clamp_max(self.neighbour_count - 1)
+        else:
+            draw = torch.randint(self.neighbours, (table.shape[0],), generator=gen, device=self.device)
         rows = index.to(table.device)
         nbr = table[rows, draw[rows].to(table.device)]
         images = self._datamodule().train_dataset.images
