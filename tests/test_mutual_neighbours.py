@@ -61,7 +61,7 @@ def test_draws_pick_only_mutual_neighbours(monkeypatch) -> None:
                                neighbours=k, mutual_neighbours=True)
     flat = pixels.flatten(1).float().numpy()
     table = NearestNeighbors(n_neighbors=k + 1).fit(flat).kneighbors(flat)[1][:, 1:]
-    model._set_neighbour_table(torch.from_numpy(table), "test", n)
+    model._set_neighbour_table(torch.from_numpy(table), "test")
     monkeypatch.setattr(model, "_datamodule", lambda: SimpleNamespace(train_dataset=SimpleNamespace(images=pixels)))
     ref_kept, _ = _naive(table)
     everyone = torch.arange(n)

@@ -24,8 +24,8 @@ def mutual_knn(table: Tensor) -> tuple[Tensor, Tensor]:
 
     ``table`` is a ``(N, k)`` kNN table (each row nearest first). Returns ``(kept, count)``: each
     row's mutual neighbours first, in their original order, then the row's own index as filler;
-    ``count[i]`` is the number of mutual neighbours of ``i`` (a row with none holds only itself). Memory ``O(N k)`` (edges sorted
-    as ``i * N + j`` keys, looked up by binary search), for any ``k``.
+    ``count[i]`` is the number of mutual neighbours of ``i`` (a row with none holds only itself).
+    Memory ``O(N k)`` (edges sorted as ``i * N + j`` keys, looked up by binary search), for any ``k``.
     """
     n, k = table.shape
     rows = torch.arange(n, device=table.device).unsqueeze(1).expand(n, k)
@@ -88,7 +88,7 @@ class PixelNeighbours:
         # with mutual_neighbours: how many of each row's entries are mutual neighbours (at least 1)
         self.register_buffer("neighbour_count", torch.zeros(0, dtype=torch.long), persistent=False)
 
-    def _set_neighbour_table(self, table: Tensor, what: str, n: int) -> None:
+    def _set_neighbour_table(self, table: Tensor, what: str) -> None:
         """Store the broadcast table (every rank); with ``mutual_neighbours``, only the mutual ones."""
         table = table.long()
         if self.mutual_neighbours:
@@ -96,7 +96,7 @@ class PixelNeighbours:
             alone = int((count == 0).sum())
             self.neighbour_count = count.clamp_min(1)  # none: the row's first entry, the image itself
             rank_zero_info(f"{type(self).__name__}: {what}: {float(count.float().mean()):.1f} mutual of {self.neighbours} "
-                           f"per image on average, {alone} of {n} images without one (paired with themselves)")
+                           f"per image on average, {alone} of {len(table)} images without one (paired with themselves)")
         self.neighbour_index = table
 
     def check_data(self, datamodule: Any) -> None:
@@ -120,7 +120,7 @@ class PixelNeighbours:
         """The kNN table of the training split in the current embedding; every rank calls this."""
         z = self.compute_on_split(self.embed).float()  # every rank: the whole split, by dataset index
         table = knn_graph(z, self.neighbours)[0] if self.trainer.is_global_zero else None
-        self._set_neighbour_table(self.broadcast_tensor(table), f"epoch {self.current_epoch}", len(z))
+        self._set_neighbour_table(self.broadcast_tensor(table), f"epoch {self.current_epoch}")
         rank_zero_info(f"{type(self).__name__}: epoch {self.current_epoch}, {self.neighbours} embedding-space "
                        f"neighbours of {len(z)} training images")
 
@@ -132,7 +132,7 @@ class PixelNeighbours:
         table = None
         if self.trainer.is_global_zero:
             table = knn_graph(images.flatten(1).float().div(255.0).to(self.device), self.neighbours)[0]
-        self._set_neighbour_table(self.broadcast_tensor(table), "pixel space", len(images))
+        self._set_neighbour_table(self.broadcast_tensor(table), "pixel space")
         rank_zero_info(f"{type(self).__name__}: {self.neighbours} pixel-space neighbours of {len(images)} training images")
 
     def _neighbour_images(self, index: Tensor, batch_idx: int, draw_id: int = 0) -> Tensor:
