@@ -49,16 +49,17 @@ def test_mutual_knn_matches_a_naive_loop(k: int) -> None:
     assert (count == 0).any() or k == 9
 
 
-def test_draws_pick_only_mutual_neighbours(monkeypatch) -> None:
-    """``DebiasedClustering(mutual_neighbours=True)``: every drawn view is a mutual neighbour of the
-    sample, or the sample itself when it has none; every mutual neighbour of a sample is drawn."""
-    from clusterlight.methods import DebiasedClustering
+@pytest.mark.parametrize("method", ["DebiasedClustering", "OnlineHardClustering"])
+def test_draws_pick_only_mutual_neighbours(monkeypatch, method: str) -> None:
+    """``mutual_neighbours=True`` (both methods that take it): every drawn view is a mutual neighbour
+    of the sample, or the sample itself when it has none; every mutual neighbour of a sample is drawn."""
+    import clusterlight.methods
 
     gen = torch.Generator().manual_seed(0)
     n, k = 30, 4
     pixels = torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8)
-    model = DebiasedClustering(num_clusters=3, input_shape=(1, 8, 8), latent_dim=6, widths=[4, 8], norm="none",
-                               neighbours=k, mutual_neighbours=True)
+    model = getattr(clusterlight.methods, method)(num_clusters=3, input_shape=(1, 8, 8), latent_dim=6, widths=[4, 8],
+                                                  norm="none", neighbours=k, mutual_neighbours=True)
     flat = pixels.flatten(1).float().numpy()
     table = NearestNeighbors(n_neighbors=k + 1).fit(flat).kneighbors(flat)[1][:, 1:]
     model._set_neighbour_table(torch.from_numpy(table), "test")
@@ -77,8 +78,9 @@ def test_draws_pick_only_mutual_neighbours(monkeypatch) -> None:
         assert seen[i] == (set(ref_kept[i]) or {i})
 
 
-def test_mutual_neighbours_needs_neighbours() -> None:
-    from clusterlight.methods import DebiasedClustering
+@pytest.mark.parametrize("method", ["DebiasedClustering", "OnlineHardClustering"])
+def test_mutual_neighbours_needs_neighbours(method: str) -> None:
+    import clusterlight.methods
 
     with pytest.raises(ClusterlightError, match="mutual_neighbours needs neighbours > 0"):
-        DebiasedClustering(mutual_neighbours=True)
+        getattr(clusterlight.methods, method)(mutual_neighbours=True)

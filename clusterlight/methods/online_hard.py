@@ -116,6 +116,11 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         neighbour_space: where the neighbours are found: ``pixel`` (at fit start, kept), or
             ``embedding`` (pixel space for the first epoch, then recomputed in the current
             embedding at the start of every later epoch; :class:`~clusterlight.methods.neighbours.PixelNeighbours`).
+        mutual_neighbours: keep only mutual pairs (``j`` among the ``k`` nearest of ``i`` and ``i``
+            among those of ``j``) and draw uniformly among them; an image without one is paired
+            with itself. On Fashion-MNIST at ``k`` = 500 the pairs' same-class share rises from
+            0.67 to 0.77 on average over the classes (the 54,000-image training split;
+            ``scripts/mutual_purity.py``).
         sinkhorn_epsilon: entropic temperature of the Sinkhorn baseline (reference: 0.5).
         sinkhorn_iters: Sinkhorn-Knopp iterations (reference: 15).
         entropy_weight: weight of the KL-to-uniform term of the entropy baseline.
@@ -144,6 +149,7 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         neighbours: int = 0,
         neighbour_space: Literal["pixel", "embedding"] = "pixel",
         neighbour_draws: int = 1,
+        mutual_neighbours: bool = False,
         sinkhorn_epsilon: float = 0.5,
         sinkhorn_iters: int = 15,
         entropy_weight: float = 1.0,
@@ -192,7 +198,7 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         self.register_buffer("centroids_initialised", torch.tensor(centroid_init == "random"))
         # (N, k) neighbours of the training split: pixel space at every fit start, then (neighbour_space
         # embedding) the current embedding at every later epoch start
-        self._init_neighbours(neighbours, neighbour_space)
+        self._init_neighbours(neighbours, neighbour_space, mutual_neighbours)
         if isinstance(neighbour_draws, bool) or not isinstance(neighbour_draws, int) or neighbour_draws < 1:
             raise ClusterlightError(f"neighbour_draws must be a positive integer, got {neighbour_draws!r}")
         if neighbour_draws > 1 and neighbours == 0:
