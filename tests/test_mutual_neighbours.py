@@ -29,15 +29,17 @@ def test_mutual_knn_by_hand() -> None:
     assert kept.squeeze(1).tolist() == [1, 0, 2, 3]  # rows without a mutual neighbour hold themselves
 
 
+@pytest.mark.parametrize("chunk_rows", [7, 8192])
 @pytest.mark.parametrize("k", [1, 4, 9])
-def test_mutual_knn_matches_a_naive_loop(k: int) -> None:
-    """Random points with clusters of very different density (the case the option is for)."""
+def test_mutual_knn_matches_a_naive_loop(k: int, chunk_rows: int) -> None:
+    """Random points with clusters of very different density (the case the option is for); rows
+    in chunks of 7 (the last one shorter) or all at once."""
     rng = np.random.default_rng(k)
     dense = rng.normal(0.0, 0.3, (150, 5))
     sparse = rng.normal(0.0, 3.0, (30, 5)) + 2.0
     x = np.concatenate([dense, sparse])
     table = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)[1][:, 1:]
-    kept, count = mutual_knn(torch.from_numpy(table))
+    kept, count = mutual_knn(torch.from_numpy(table), chunk_rows=chunk_rows)
     ref_kept, ref_count = _naive(table)
     assert count.tolist() == ref_count
     for i, (row, ref) in enumerate(zip(kept.tolist(), ref_kept)):

@@ -19,25 +19,30 @@ from clusterlight.errors import ClusterlightError
 __all__ = ["PixelNeighbours", "mutual_knn"]
 
 
-def mutual_knn(table: Tensor) -> tuple[Tensor, Tensor]:
+def mutual_knn(table: Tensor, chunk_rows: int = 8192) -> tuple[Tensor, Tensor]:
     """Keep each row's *mutual* neighbours: ``j`` in row ``i`` stays only if ``i`` is in row ``j``.
 
     ``table`` is a ``(N, k)`` kNN table (each row nearest first). Returns ``(kept, count)``: each
     row's mutual neighbours first, in their original order, then the row's own index as filler;
     ``count[i]`` is the number of mutual neighbours of ``i`` (a row with none holds only itself).
-    Memory ``O(N k)`` (edges sorted as ``i * N + j`` keys, looked up by binary search), for any ``k``.
+    The edges are sorted once as ``i * N + j`` keys; the reverse edges of ``chunk_rows`` rows at a
+    time are looked up by binary search, so the memory beyond the table and the result is one
+    sorted copy of the keys (``N * k * 8`` bytes) and a chunk's work, for any ``k``.
     """
     n, k = table.shape
-    rows = torch.arange(n, device=table.device).unsqueeze(1).expand(n, k)
-    keys = (rows * n + table).flatten()
-    sorted_keys = keys.sort().values
-    back = (table * n + rows).flatten()  # the edge j -> i for every i -> j
-    pos = torch.searchsorted(sorted_keys, back).clamp_max(len(sorted_keys) - 1)
-    mutual = (sorted_keys[pos] == back).view(n, k)
-    count = mutual.sum(1)
-    # stable: mutual entries first in nearest-first order, the rest replaced by the row itself
-    order = (~mutual).to(torch.int8).argsort(dim=1, stable=True)
-    kept = torch.where(mutual.gather(1, order), table.gather(1, order), rows)
+    rows = torch.arange(n, device=table.device).unsqueeze(1)
+    sorted_keys = (rows * n + table).flatten().sort().values
+    kept = torch.empty_like(table)
+    count = torch.empty(n, dtype=torch.long, device=table.device)
+    for start in range(0, n, chunk_rows):
+        part, own = table[start:start + chunk_rows], rows[start:start + chunk_rows]
+        back = part * n + own  # the edge j -> i for every i -> j of these rows
+        pos = torch.searchsorted(sorted_keys, back.flatten()).clamp_max(len(sorted_keys) - 1).view_as(part)
+        mutual = sorted_keys[pos] == back
+        count[start:start + chunk_rows] = mutual.sum(1)
+        # stable: mutual entries first in nearest-first order, the rest replaced by the row itself
+        order = (~mutual).to(torch.int8).argsort(dim=1, stable=True)
+        kept[start:start + chunk_rows] = torch.where(mutual.gather(1, order), part.gather(1, order), own)
     return kept, count
 
 
