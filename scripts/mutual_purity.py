@@ -1,8 +1,8 @@
 """Same-class share of plain and of mutual pixel-space neighbour pairs, per class of a training split.
 
-A diagnostic for ``mutual_neighbours`` (the flagship's neighbour views): on a long-tailed split,
-how often an image's plain ``k`` nearest training images share its class, against the mutual
-ones only (``clusterlight.methods.neighbours.mutual_knn``), and how many images keep no mutual
+A diagnostic for ``mutual_neighbours`` (the neighbour pairs of the flagship and of online hard
+clustering): on a training split (long-tailed or not), how often an image's plain ``k`` nearest
+training images share its class, against the mutual ones only (``clusterlight.methods.neighbours.mutual_knn``), and how many images keep no mutual
 neighbour. Labels are read here to measure it and nowhere else; no method reads this script.
 
     python scripts/mutual_purity.py --config configs/debiased/fashion_mnist.yaml --k 10 -- \\
