@@ -2,8 +2,9 @@
 
 A diagnostic for ``mutual_neighbours`` (the neighbour pairs of the flagship and of online hard
 clustering): on a training split (long-tailed or not), how often an image's plain ``k`` nearest
-training images share its class, against the mutual ones only (``clusterlight.methods.neighbours.mutual_knn``), and how many images keep no mutual
-neighbour. Labels are read here to measure it and nowhere else; no method reads this script.
+training images share its class, against the mutual ones only
+(``clusterlight.methods.neighbours.mutual_knn``), and how many images keep no mutual neighbour.
+Labels are read here to measure it and nowhere else; no method reads this script.
 
     python scripts/mutual_purity.py --config configs/debiased/fashion_mnist.yaml --k 10 -- \\
         --data.init_args.imbalance_ratio=10 "--data.init_args.ood_classes=[9]" \\
