@@ -3,13 +3,14 @@
 Examples::
 
     clusterlight fit --config configs/dec/usps.yaml
-    clusterlight test --config configs/dec/usps.yaml --ckpt_path best
-    clusterlight predict --config configs/dec/usps.yaml --ckpt_path last --predictions.path preds.csv
-    clusterlight fit --model AEKMeans --data.dataset digits --trainer.max_epochs 5
+    clusterlight test --config configs/dec/usps.yaml --ckpt_path <run>/checkpoints/last.ckpt
+    clusterlight predict --config configs/dec/usps.yaml --ckpt_path <run>/checkpoints/last.ckpt
+    clusterlight fit --model AEKMeans --data ClusteringDataModule --data.dataset digits
     clusterlight fit --config configs/dec/usps.yaml --print_config
 
 ``main(args)`` runs the same CLI in-process and returns the :class:`ClusterlightCLI`, so tests,
-scripts and notebooks can read ``cli.trainer.callback_metrics`` or ``cli.model``.
+scripts and notebooks can read ``cli.trainer.callback_metrics`` or ``cli.model``. ``<run>`` is a run
+folder, ``runs/clusterlight/<id>`` by default; ``predict`` writes a CSV with ``--predictions.path``.
 """
 
 from __future__ import annotations
