@@ -12,7 +12,8 @@ peak memory is its own), with the split's data options, the seed, and for the ``
 shorter schedule of :data:`FAST`, then the ``--override`` options. The ``paper`` budget uses the
 configs unchanged (the papers' schedules). Records are appended to the results file as JSON lines;
 a run whose key (method, variant, dataset, split, seed, budget) is already there is skipped, so an
-interrupted grid resumes.
+interrupted grid resumes. Stopping the grid (Ctrl-C, or SIGTERM from ``kill``, ``pkill`` or a job
+scheduler) stops the run in flight with it; that run leaves no record.
 
 Labels are read only by the test metrics, as in every clusterlight run.
 """
@@ -26,10 +27,14 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +208,30 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+@contextmanager
+def _sigterm_stops_the_run_in_flight() -> Iterator[None]:
+    """SIGTERM ends the grid the way Ctrl-C does: as an exception in the main thread, on which
+    ``subprocess.run`` kills its child. Without it the bench process dies alone and the ``fit`` in
+    flight runs on, orphaned, sharing the cores with whatever starts next (exit status 143)."""
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_grid(a: argparse.Namespace) -> int:
+    with _sigterm_stops_the_run_in_flight():
+        return _run_grid(a)
+
+
+def _run_grid(a: argparse.Namespace) -> int:
     out = Path(a.out)
     check_overrides(a.override, a.variant)
     done = {key(r) for r in read_records(out)}

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +171,42 @@ def test_bad_override_is_one_line_before_any_run(tmp_path) -> None:
     with pytest.raises(SystemExit, match="Option 'nosuch' is not accepted"):
         bench.main([*argv, "--override", "model.init_args.nosuch=1", "--variant", "v"])
     assert not out.exists()
+
+
+def _processes_naming(text: str) -> list[int]:
+    """PIDs of the live processes whose command line contains ``text`` (Linux ``/proc``)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmdline, stat = (d / "cmdline").read_bytes(), (d / "stat").read_text()
+            except OSError:
+                continue
+            if text.encode() in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z":  # zombies are dead
+                pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").is_file(), reason="finds the run in flight through /proc")
+def test_sigterm_stops_the_run_in_flight(tmp_path) -> None:
+    """``kill``/``pkill`` of the bench used to end the bench process alone: its ``fit`` ran on, orphaned,
+    next to the next grid's runs. Now SIGTERM stops the run in flight too, and it leaves no record."""
+    out, runs = tmp_path / "records.jsonl", tmp_path / "runs"
+    result = runs / "paper" / "ae_kmeans-endless-digits-balanced-seed0" / "result.json"  # in the fit's command line
+    argv = [sys.executable, "-m", "clusterlight.bench", "run", "--budget", "paper", "--methods", "ae_kmeans",
+            "--datasets", "digits", "--splits", "balanced", "--seeds", "0", "--out", str(out), "--runs", str(runs),
+            "--override", "trainer.max_epochs=1000000", "--variant", "endless"]
+    grid = subprocess.Popen(argv, cwd=bench.REPO, env={**os.environ, "WANDB_MODE": "disabled"})
+    try:
+        deadline = time.time() + 180
+        while not _processes_naming(str(result)) and grid.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert _processes_naming(str(result)), "the run never started"
+        grid.send_signal(signal.SIGTERM)
+        assert grid.wait(timeout=60) == 128 + signal.SIGTERM
+        assert _processes_naming(str(result)) == []  # the fit went with it
+        assert not out.exists() or out.read_text() == ""
+    finally:
+        grid.kill()
+        for pid in _processes_naming(str(result)):  # a failed check must not leave an endless fit behind
+            os.kill(pid, signal.SIGKILL)
