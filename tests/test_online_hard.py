@@ -408,3 +408,72 @@ def test_neighbour_draws_bad_values_are_one_line_errors() -> None:
         OnlineHardClustering(neighbours=5, neighbour_draws=0)
     with pytest.raises(ClusterlightError, match="needs neighbours > 0"):
         OnlineHardClustering(neighbour_draws=2)
+
+
+def test_neighbour_bank_costs_match_a_per_row_loop() -> None:
+    """``neighbour_bank: m``: each row's assignment cost is the mean of its fresh group cost
+    (weighted by the group's ``1 + neighbour_draws`` images) and the costs of the banked embeddings
+    of its ``m`` nearest table neighbours, leaving out those not banked yet and, with mutual
+    neighbours, the filler entries past each row's count (checked by a loop over rows)."""
+    from clusterlight.methods import OnlineHardClustering
+
+    gen = torch.Generator().manual_seed(3)
+    n, k, m, dim, clusters = 30, 6, 4, 5, 3
+    for mutual in (False, True):
+        model = OnlineHardClustering(num_clusters=clusters, input_shape=(1, 8, 8), latent_dim=dim, widths=[4, 8],
+                                     neighbours=k, neighbour_draws=2, neighbour_bank=m, mutual_neighbours=mutual,
+                                     sigma=2.0)
+        model.neighbour_index = torch.randint(0, n, (n, k), generator=gen)
+        model.neighbour_count = torch.randint(1, k + 1, (n,), generator=gen)
+        model.bank = torch.randn(n, dim, generator=gen)
+        model.bank_filled = torch.rand(n, generator=gen) < 0.6
+        index = torch.tensor([0, 5, 17, 29, 8])
+        cost = torch.rand(len(index), clusters, generator=gen)
+        got = model._with_bank_costs(cost, index)
+        mu = model.centroids.detach()
+        for row, i in enumerate(index.tolist()):
+            total, count = 3 * cost[row], 3
+            for col in range(m):
+                j = int(model.neighbour_index[i, col])
+                if not model.bank_filled[j] or (mutual and col >= int(model.neighbour_count[i])):
+                    continue
+                total = total + torch.stack([((model.bank[j] - mu[c]) ** 2).sum() / 2.0 for c in range(clusters)])
+                count += 1
+            torch.testing.assert_close(got[row], total / count)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_neighbour_bank_stores_the_batch_embeddings(monkeypatch) -> None:
+    """After a step the bank holds each batch image's embedding at its dataset index, and nothing
+    else is marked as banked."""
+    from types import SimpleNamespace
+
+    from clusterlight.methods import OnlineHardClustering
+
+    gen = torch.Generator().manual_seed(1)
+    n, k = 20, 4
+    pixels = torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8)
+    model = OnlineHardClustering(num_clusters=3, input_shape=(1, 8, 8), latent_dim=6, widths=[4, 8], norm="none",
+                                 neighbours=k, neighbour_bank=2).eval()
+    model.neighbour_index = torch.randint(0, n, (n, k), generator=gen)
+    model.bank, model.bank_filled = torch.zeros(n, 6), torch.zeros(n, dtype=torch.bool)
+    monkeypatch.setattr(model, "_datamodule", lambda: SimpleNamespace(train_dataset=SimpleNamespace(images=pixels)))
+    index = torch.tensor([2, 7, 13])
+    images = pixels[index].float() / 255.0
+    with torch.no_grad():
+        model.fit_step(images, index, batch_idx=0)
+        expected = model.embed(images)
+    torch.testing.assert_close(model.bank[index], expected)
+    assert model.bank_filled.nonzero().flatten().tolist() == [2, 7, 13]
+
+
+def test_neighbour_bank_bad_values_are_one_line_errors() -> None:
+    from clusterlight.errors import ClusterlightError
+    from clusterlight.methods import OnlineHardClustering
+
+    with pytest.raises(ClusterlightError, match="neighbour_bank must be a non-negative integer"):
+        OnlineHardClustering(neighbours=5, neighbour_bank=-1)
+    with pytest.raises(ClusterlightError, match="must not exceed neighbours"):
+        OnlineHardClustering(neighbours=5, neighbour_bank=6)
+    with pytest.raises(ClusterlightError, match="must not exceed neighbours"):
+        OnlineHardClustering(neighbour_bank=2)

@@ -116,6 +116,15 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         neighbour_space: where the neighbours are found: ``pixel`` (at fit start, kept), or
             ``embedding`` (pixel space for the first epoch, then recomputed in the current
             embedding at the start of every later epoch; :class:`~clusterlight.methods.neighbours.PixelNeighbours`).
+        neighbour_bank: ``0`` (off) or ``m`` (at most ``neighbours``): the training assignment of
+            each group also averages the costs of the image's ``m`` nearest neighbours (mutual
+            ones only, with ``mutual_neighbours``), computed from a bank of the embedding each
+            training image had when it was last in a batch, against the current centroids. No
+            extra image is encoded and the loss is unchanged (the group's fresh images only): the
+            bank smooths which cluster a neighbourhood is pulled to, at the cost of an
+            ``N x latent_dim`` float32 buffer (36 MB for the whole Fashion-MNIST at 128). Neighbours
+            not yet seen in this fit are left out; under DDP every rank stores every rank's batch
+            (``all_gather``). The bank is not saved in checkpoints: a resumed fit refills it.
         mutual_neighbours: keep only mutual pairs (``j`` among the ``k`` nearest of ``i`` and ``i``
             among those of ``j``) and draw uniformly among them; an image without one is paired
             with itself. On Fashion-MNIST at ``k`` = 500 the pairs' same-class share rises from
@@ -149,6 +158,7 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         neighbours: int = 0,
         neighbour_space: Literal["pixel", "embedding"] = "pixel",
         neighbour_draws: int = 1,
+        neighbour_bank: int = 0,
         mutual_neighbours: bool = False,
         sinkhorn_epsilon: float = 0.5,
         sinkhorn_iters: int = 15,
@@ -204,6 +214,15 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         if neighbour_draws > 1 and neighbours == 0:
             raise ClusterlightError("neighbour_draws > 1 needs neighbours > 0")
         self.neighbour_draws = neighbour_draws
+        if isinstance(neighbour_bank, bool) or not isinstance(neighbour_bank, int) or neighbour_bank < 0:
+            raise ClusterlightError(f"neighbour_bank must be a non-negative integer, got {neighbour_bank!r}")
+        if neighbour_bank > neighbours:
+            raise ClusterlightError(f"neighbour_bank ({neighbour_bank}) must not exceed neighbours ({neighbours})")
+        self.neighbour_bank = neighbour_bank
+        # (N, latent_dim) last training-mode embedding of every training image and whether it has one;
+        # sized when fitting starts, not saved (a resumed fit refills it during its first epoch)
+        self.register_buffer("bank", torch.zeros(0, latent_dim), persistent=False)
+        self.register_buffer("bank_filled", torch.zeros(0, dtype=torch.bool), persistent=False)
 
     # ------------------------------------------------------------------ costs and assignments
     def embed(self, images: Tensor) -> Tensor:
@@ -248,12 +267,18 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
     def fit_step(self, images: Tensor, index: Tensor, batch_idx: int) -> Tensor:
         if self.neighbours > 0:
             views = [images, *(self._neighbour_images(index, batch_idx, j) for j in range(self.neighbour_draws))]
-            every = self.costs(self.embed(torch.cat(views)))
+            z = self.embed(torch.cat(views))
+            every = self.costs(z)
             # the group's (image and its drawn neighbours) mean cost per cluster
             cost = every.view(len(views), len(images), -1).mean(dim=0)
         else:
-            cost = self.costs(self.embed(images))
-        assign = self.assign(cost)
+            z = self.embed(images)
+            cost = self.costs(z)
+        if self.neighbour_bank > 0:
+            assign = self.assign(self._with_bank_costs(cost, index))
+            self._update_bank(index, z[: len(images)])
+        else:
+            assign = self.assign(cost)
         loss = cost.gather(1, assign[:, None]).mean()
         if self.assignment == "entropy":
             loss = loss + self.entropy_weight * mean_assignment_kl(torch.softmax(-cost, dim=1))
@@ -265,6 +290,32 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         self.log("train/nonempty_clusters", (counts > 0).sum().float(), on_step=True, on_epoch=True, batch_size=batch)
         self.log("train/largest_cluster_frac", counts.max() / batch, on_step=True, on_epoch=True, batch_size=batch)
         return loss
+
+    @torch.no_grad()
+    def _with_bank_costs(self, cost: Tensor, index: Tensor) -> Tensor:
+        """The assignment cost of each group with the banked costs of its ``neighbour_bank``
+        nearest neighbours (mutual ones only, with ``mutual_neighbours``; those not in the bank yet
+        are left out): the mean over the group's fresh images and those banked neighbours."""
+        m = self.neighbour_bank
+        fresh = 1 + self.neighbour_draws
+        rows = index.to(self.neighbour_index.device)
+        nbr = self.neighbour_index[rows, :m].to(self.bank.device)  # (B, m), nearest first
+        valid = self.bank_filled[nbr]
+        if self.mutual_neighbours:  # a row holds count[i] mutual neighbours, then itself as filler
+            valid &= torch.arange(m, device=nbr.device)[None, :] < self.neighbour_count[rows].to(nbr.device)[:, None]
+        banked = self.costs(self.bank[nbr.flatten()].to(cost.device)).view(len(index), m, -1)
+        valid = valid.to(cost.device)
+        total = cost.detach().float() * fresh + (banked * valid[:, :, None]).sum(dim=1)
+        return total / (fresh + valid.sum(dim=1, keepdim=True))
+
+    @torch.no_grad()
+    def _update_bank(self, index: Tensor, z: Tensor) -> None:
+        """Store the batch's embeddings by dataset index (every rank's, under DDP)."""
+        index, z = index.to(self.bank.device), z.detach().float().to(self.bank.device)
+        if self._world_size() > 1:  # equal batch shapes on every rank (the sampler pads)
+            index, z = self.all_gather(index).flatten(), self.all_gather(z).flatten(0, -2)
+        self.bank[index] = z
+        self.bank_filled[index] = True
 
     def _update_prior(self, counts: Tensor) -> None:
         if self._world_size() > 1:
@@ -290,6 +341,10 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()  # with neighbours: the pixel-space table (PixelNeighbours)
+        if self.neighbour_bank > 0:
+            n = len(self.neighbour_index)
+            self.bank = torch.zeros(n, self.centroids.shape[1], device=self.device)
+            self.bank_filled = torch.zeros(n, dtype=torch.bool, device=self.device)
         if not self.clusters_ready():
             self.refresh_clusters()
 
