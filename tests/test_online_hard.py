@@ -477,3 +477,39 @@ def test_neighbour_bank_bad_values_are_one_line_errors() -> None:
         OnlineHardClustering(neighbours=5, neighbour_bank=6)
     with pytest.raises(ClusterlightError, match="must not exceed neighbours"):
         OnlineHardClustering(neighbour_bank=2)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_prior_source_picks_which_counts_the_prior_follows() -> None:
+    """``prior_momentum: 1`` makes the prior the last batch's cluster fractions: with
+    ``prior_source: nearest`` those of each point's nearest centroid (a loop over points and
+    centroids), with ``assigned`` those of the naive greedy; on a batch where every point is
+    nearest to one centroid (the others about one unit of cost further) the two differ."""
+    from clusterlight.methods import OnlineHardClustering
+
+    gen = torch.Generator().manual_seed(5)
+    images = torch.rand(24, 1, 8, 8, generator=gen)
+    index = torch.arange(24)
+    fractions = {}
+    for source in ("nearest", "assigned"):
+        torch.manual_seed(0)
+        model = OnlineHardClustering(num_clusters=4, input_shape=(1, 8, 8), latent_dim=5, widths=[4, 8], norm="none",
+                                     imbalanced=True, prior_momentum=1.0, prior_source=source, sigma=100.0).eval()
+        with torch.no_grad():
+            z = model.embed(images)
+            model.centroids.copy_(z[:1] + 0.01 * torch.randn(4, 5, generator=gen))  # all near one point
+            model.centroids[1:] += 5.0
+            dist = torch.tensor([[float(((z[b] - model.centroids[c]) ** 2).sum()) / 100.0 for c in range(4)]
+                                 for b in range(24)])
+            if source == "nearest":
+                expected = torch.bincount(dist.argmin(1), minlength=4).float() / 24
+            else:
+                expected = torch.bincount(naive_greedy_hard_assign(dist), minlength=4).float() / 24
+            model.fit_step(images, index, batch_idx=0)
+        torch.testing.assert_close(model.cluster_prior, expected)
+        fractions[source] = expected
+    assert fractions["nearest"][0] == 1.0 and fractions["assigned"].max() < 1.0
+    from clusterlight.errors import ClusterlightError
+
+    with pytest.raises(ClusterlightError, match="prior_source must be"):
+        OnlineHardClustering(prior_source="labels")

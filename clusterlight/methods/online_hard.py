@@ -54,8 +54,12 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
     Imbalanced data (``imbalanced: true``, with ``hard``): the cost gets a log prior over
     cluster sizes, ``d(b, c) - prior_strength * log pi_c``. The authors align a prior built from
     the true class sizes with the clusters through the labels; here ``pi`` is estimated without
-    labels, as a running average (``prior_momentum``) of the fraction of training points the
-    greedy assigns to each cluster (summed over ranks under DDP), kept in the ``cluster_prior``
+    labels, as a running average (``prior_momentum``) of the fraction of training points in each
+    cluster (summed over ranks under DDP): with ``prior_source: assigned`` the points the greedy
+    assigns to it, with ``nearest`` those whose nearest centroid it is. The greedy's own counts are
+    held near equal by the ``log(n_c!)`` penalty, so a prior built from them stays close to
+    uniform and confirms itself; the nearest-centroid counts are not regularised and can follow an
+    imbalance in the data. The prior is kept in the ``cluster_prior
     buffer (saved in checkpoints; uniform unless ``imbalanced``) and used from epoch
     ``prior_warmup_epochs`` on. ``prior_strength`` below 1 keeps part of the
     size penalty: at strength 1 a prior that matches the current sizes cancels the ``log(n_c!)``
@@ -96,6 +100,8 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         prior_momentum: weight of each batch in the running average of the cluster sizes.
         prior_strength: multiplier of the log prior in the cost (see above).
         prior_warmup_epochs: the log prior enters the cost from this epoch on.
+        prior_source: which counts the running prior averages: ``assigned`` (the greedy's
+            training assignments) or ``nearest`` (each training point's nearest centroid).
         global_assignment: under DDP, assign the batches of all ranks jointly (``hard`` and
             ``sinkhorn``; the nearest-centroid assignments of ``entropy``/``argmin`` are per point).
         centroid_init: ``random`` (standard normal, as the reference) or ``kmeans`` (k-means on the
@@ -152,6 +158,7 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         prior_momentum: float = 0.01,
         prior_strength: float = 0.5,
         prior_warmup_epochs: int = 1,
+        prior_source: Literal["assigned", "nearest"] = "assigned",
         global_assignment: bool = False,
         centroid_init: Literal["random", "kmeans"] = "random",
         embedding_norm: Literal["none", "batch"] = "none",
@@ -179,6 +186,8 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
             raise ClusterlightError(f"prior_momentum must be in (0, 1], got {prior_momentum}")
         if not 0 <= prior_strength <= 1:
             raise ClusterlightError(f"prior_strength must be in [0, 1], got {prior_strength}")
+        if prior_source not in ("assigned", "nearest"):
+            raise ClusterlightError(f"prior_source must be 'assigned' or 'nearest', got {prior_source!r}")
         if imbalanced and assignment != "hard":
             raise ClusterlightError(f"imbalanced applies to assignment 'hard', not {assignment!r}")
         if not sinkhorn_epsilon > 0 or sinkhorn_iters < 1:
@@ -197,6 +206,7 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         self.prior_momentum = float(prior_momentum)
         self.prior_strength = float(prior_strength)
         self.prior_warmup_epochs = int(prior_warmup_epochs)
+        self.prior_source = prior_source
         self.global_assignment = global_assignment
         self.centroid_init = centroid_init
         self.sinkhorn_epsilon = float(sinkhorn_epsilon)
@@ -285,7 +295,8 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         with torch.no_grad():
             counts = torch.bincount(assign, minlength=self.num_clusters).float()
             if self.imbalanced:
-                self._update_prior(counts)
+                nearest = cost.detach().argmin(dim=1) if self.prior_source == "nearest" else None
+                self._update_prior(counts if nearest is None else torch.bincount(nearest, minlength=self.num_clusters).float())
         batch = images.shape[0]
         self.log("train/nonempty_clusters", (counts > 0).sum().float(), on_step=True, on_epoch=True, batch_size=batch)
         self.log("train/largest_cluster_frac", counts.max() / batch, on_step=True, on_epoch=True, batch_size=batch)
