@@ -513,3 +513,17 @@ def test_prior_source_picks_which_counts_the_prior_follows() -> None:
 
     with pytest.raises(ClusterlightError, match="prior_source must be"):
         OnlineHardClustering(prior_source="labels")
+
+
+def test_pooled_encoder_option_and_its_one_line_errors() -> None:
+    from clusterlight.errors import ClusterlightError
+    from clusterlight.methods import OnlineHardClustering
+    from clusterlight.nn import ConvEncoder, PoolEncoder
+
+    assert isinstance(OnlineHardClustering(widths=[6, 16]).encoder, ConvEncoder)
+    model = OnlineHardClustering(input_shape=(1, 28, 28), latent_dim=128, widths=[6, 16], encoder="pooled")
+    assert isinstance(model.encoder, PoolEncoder) and model.embed(torch.rand(2, 1, 28, 28)).shape == (2, 128)
+    with pytest.raises(ClusterlightError, match="encoder must be 'strided' or 'pooled'"):
+        OnlineHardClustering(encoder="lenet")
+    with pytest.raises(ClusterlightError, match="encoder 'pooled': a 1x1 feature map is too small"):
+        OnlineHardClustering(input_shape=(1, 16, 16), widths=[6, 16, 32], encoder="pooled")

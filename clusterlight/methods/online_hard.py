@@ -25,7 +25,7 @@ from clusterlight.cluster.kmeans import kmeans
 from clusterlight.errors import ClusterlightError
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
 from clusterlight.methods.neighbours import PixelNeighbours
-from clusterlight.nn import ConvEncoder
+from clusterlight.nn import ConvEncoder, PoolEncoder
 
 __all__ = ["OnlineHardClustering"]
 
@@ -58,8 +58,10 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
     cluster (summed over ranks under DDP): with ``prior_source: assigned`` the points the greedy
     assigns to it, with ``nearest`` those whose nearest centroid it is. The greedy's own counts are
     held near equal by the ``log(n_c!)`` penalty, so a prior built from them stays close to
-    uniform and confirms itself; the nearest-centroid counts are not regularised and can follow an
-    imbalance in the data. The prior is kept in the ``cluster_prior
+    uniform and confirms itself; the nearest-centroid counts are not regularised, though the
+    training pulls points towards their balanced assignments and so balances them too (on the
+    ``lt10`` splits neither source gives a prior far from uniform: README, Results). The prior is
+    kept in the ``cluster_prior
     buffer (saved in checkpoints; uniform unless ``imbalanced``) and used from epoch
     ``prior_warmup_epochs`` on. ``prior_strength`` below 1 keeps part of the
     size penalty: at strength 1 a prior that matches the current sizes cancels the ``log(n_c!)``
@@ -92,6 +94,9 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         input_shape: ``(channels, height, width)`` (linked from the DataModule).
         latent_dim: size of the embedding (the reference uses 128).
         widths: channel counts of the encoder stages.
+        encoder: ``strided`` (:class:`~clusterlight.nn.ConvEncoder`, stride-2 3x3 convolutions) or
+            ``pooled`` (:class:`~clusterlight.nn.PoolEncoder`: 5x5 convolutions and max pooling; with
+            ``widths: [6, 16]`` the network of the authors' code).
         norm: normalisation in the encoder: ``batch``, ``group`` or ``none``.
         assignment: training assignment: ``hard``, ``sinkhorn``, ``entropy`` or ``argmin``.
         sigma: variance of the isotropic clusters; costs are squared distances divided by it
@@ -151,6 +156,7 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         input_shape: tuple[int, int, int] = (1, 28, 28),
         latent_dim: int = 128,
         widths: list[int] = [32, 64, 128],  # noqa: B006 (jsonargparse needs a plain default)
+        encoder: Literal["strided", "pooled"] = "strided",
         norm: str = "batch",
         assignment: Literal["hard", "sinkhorn", "entropy", "argmin"] = "hard",
         sigma: float = 100.0,
@@ -196,7 +202,13 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
             raise ClusterlightError(f"latent_dim must be at least 1, got {latent_dim}")
         if embedding_norm not in ("none", "batch"):
             raise ClusterlightError(f"embedding_norm must be 'none' or 'batch', got {embedding_norm!r}")
-        self.encoder = ConvEncoder(self.input_shape, latent_dim, widths, norm)
+        if encoder not in ("strided", "pooled"):
+            raise ClusterlightError(f"encoder must be 'strided' or 'pooled', got {encoder!r}")
+        try:
+            network = ConvEncoder if encoder == "strided" else PoolEncoder
+            self.encoder = network(self.input_shape, latent_dim, widths, norm)
+        except ValueError as err:  # a network that does not fit the images
+            raise ClusterlightError(f"encoder {encoder!r}: {err}") from None
         # Standardised embeddings (no affine): the encoder cannot shrink them towards one point.
         self.out_norm = nn.BatchNorm1d(latent_dim, affine=False) if embedding_norm == "batch" else nn.Identity()
         self.centroids = nn.Parameter(torch.randn(self.num_clusters, latent_dim))
@@ -227,7 +239,8 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         if isinstance(neighbour_bank, bool) or not isinstance(neighbour_bank, int) or neighbour_bank < 0:
             raise ClusterlightError(f"neighbour_bank must be a non-negative integer, got {neighbour_bank!r}")
         if neighbour_bank > neighbours:
-            raise ClusterlightError(f"neighbour_bank ({neighbour_bank}) must not exceed neighbours ({neighbours})")
+            raise ClusterlightError(
+                f"neighbour_bank ({neighbour_bank}) must not exceed neighbours ({neighbours})")
         self.neighbour_bank = neighbour_bank
         # (N, latent_dim) last training-mode embedding of every training image and whether it has one;
         # sized when fitting starts, not saved (a resumed fit refills it during its first epoch)
@@ -295,8 +308,11 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         with torch.no_grad():
             counts = torch.bincount(assign, minlength=self.num_clusters).float()
             if self.imbalanced:
-                nearest = cost.detach().argmin(dim=1) if self.prior_source == "nearest" else None
-                self._update_prior(counts if nearest is None else torch.bincount(nearest, minlength=self.num_clusters).float())
+                if self.prior_source == "nearest":
+                    nearest = cost.detach().argmin(dim=1)
+                    self._update_prior(torch.bincount(nearest, minlength=self.num_clusters).float())
+                else:
+                    self._update_prior(counts)
         batch = images.shape[0]
         self.log("train/nonempty_clusters", (counts > 0).sum().float(), on_step=True, on_epoch=True, batch_size=batch)
         self.log("train/largest_cluster_frac", counts.max() / batch, on_step=True, on_epoch=True, batch_size=batch)
@@ -313,7 +329,8 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
         nbr = self.neighbour_index[rows, :m].to(self.bank.device)  # (B, m), nearest first
         valid = self.bank_filled[nbr]
         if self.mutual_neighbours:  # a row holds count[i] mutual neighbours, then itself as filler
-            valid &= torch.arange(m, device=nbr.device)[None, :] < self.neighbour_count[rows].to(nbr.device)[:, None]
+            count = self.neighbour_count[rows].to(nbr.device)
+            valid &= torch.arange(m, device=nbr.device)[None, :] < count[:, None]
         banked = self.costs(self.bank[nbr.flatten()].to(cost.device)).view(len(index), m, -1)
         valid = valid.to(cost.device)
         total = cost.detach().float() * fresh + (banked * valid[:, :, None]).sum(dim=1)

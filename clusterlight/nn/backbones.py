@@ -74,6 +74,54 @@ class ConvEncoder(nn.Module):
         return self.fc(self.features(x).flatten(1))
 
 
+class PoolEncoder(nn.Module):
+    """LeNet-style encoder: image ``(B, C, H, W)`` to a vector ``(B, latent_dim)``.
+
+    Each stage is a ``kernel x kernel`` convolution without padding, a normalisation, ReLU and
+    2x2 max pooling (sizes ``floor((n - kernel + 1) / 2)``); a linear layer maps the flattened
+    features to ``latent_dim``. With the defaults a 28-px image goes 24, 12, 8, 4 and a 16-px one
+    12, 6, 2, 1: the small network of the online hard clustering authors' code. Max pooling
+    makes it more tolerant of small shifts than the strided :class:`ConvEncoder`, with about a
+    seventh of its multiply-adds at 28 px and the default widths of each.
+
+    Args:
+        input_shape: ``(channels, height, width)`` of the images.
+        latent_dim: size of the output vector.
+        widths: channel counts of the stages (one stage each).
+        norm: normalisation after each convolution: ``batch``, ``group`` or ``none``.
+        kernel: side of the convolution kernels.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        latent_dim: int = 128,
+        widths: Sequence[int] = (6, 16),
+        norm: str = "batch",
+        kernel: int = 5,
+    ) -> None:
+        super().__init__()
+        c, h, w = (int(v) for v in input_shape)
+        self.input_shape = (c, h, w)
+        layers: list[nn.Module] = []
+        cin = c
+        for cout in widths:
+            if min(h, w) < kernel + 1:
+                raise ValueError(f"a {h}x{w} feature map is too small for a {kernel}-px convolution and 2x2 pooling: "
+                                 f"use fewer widths or a smaller kernel")
+            h, w = (h - kernel + 1) // 2, (w - kernel + 1) // 2
+            layers += [nn.Conv2d(cin, int(cout), kernel, bias=norm == "none"), _norm(norm, int(cout)),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            cin = int(cout)
+        self.features = nn.Sequential(*layers)
+        self.feature_shape = (cin, h, w)
+        self.fc = nn.Linear(cin * h * w, latent_dim)
+        self.latent_dim = latent_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+
 class ConvDecoder(nn.Module):
     """Mirror of a :class:`ConvEncoder`: vector ``(B, latent_dim)`` to image ``(B, C, H, W)`` in [0, 1]."""
 
