@@ -82,7 +82,7 @@ class PoolEncoder(nn.Module):
     features to ``latent_dim``. With the defaults a 28-px image goes 24, 12, 8, 4 and a 16-px one
     12, 6, 2, 1: the small network of the online hard clustering authors' code. Max pooling
     makes it more tolerant of small shifts than the strided :class:`ConvEncoder`, with about a
-    seventh of its multiply-adds at 28 px and the default widths of each.
+    ninth of its multiply-adds at 28 px and the default widths of each (0.27 million against 2.4).
 
     Args:
         input_shape: ``(channels, height, width)`` of the images.
