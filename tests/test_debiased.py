@@ -494,3 +494,32 @@ def test_rotation_negatives_add_rotated_pairs_to_the_contrast_loss(tmp_path: Pat
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), rotation_negatives=True)
     with pytest.raises(ValueError, match="rotation_negatives needs square images"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 12), augment=1.0, rotation_negatives=True)
+
+
+def test_overcluster_and_umap_mix_options_refuse_bad_values() -> None:
+    from clusterlight.methods import DebiasedClustering
+
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="overcluster must be"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), overcluster=bad)
+    with pytest.raises(ValueError, match="needs init_partition gmm"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), overcluster=2, init_partition="kmeans")
+    for bad in (-0.1, 1.5, True, "mutual"):
+        with pytest.raises(ValueError, match="umap_set_op_mix_ratio must be"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), umap_set_op_mix_ratio=bad)
+
+
+def test_reduce_umap_passes_the_set_operation_to_umap() -> None:
+    import umap
+
+    from clusterlight.cluster.umap_hdbscan import reduce_umap
+
+    x = np.random.default_rng(0).normal(size=(150, 6)).astype(np.float32)
+    ours = reduce_umap(x, 10, seed=3, n_components=2, set_op_mix_ratio=0.3)
+    ref = umap.UMAP(n_neighbors=10, min_dist=0.0, n_components=2, random_state=3, n_jobs=1, transform_seed=3,
+                    set_op_mix_ratio=0.3).fit_transform(x)
+    union = reduce_umap(x, 10, seed=3, n_components=2)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    assert np.abs(ours - union).max() > 1e-3  # the mix changes the embedding
+    with pytest.raises(ValueError, match="set_op_mix_ratio must be"):
+        reduce_umap(x, 10, seed=3, set_op_mix_ratio=2.0)

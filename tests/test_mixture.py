@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.mixture import GaussianMixture
 
-from clusterlight.cluster.mixture import diag_gmm_em, one_hot
+from clusterlight.cluster.mixture import diag_gmm_em, merge_by_entropy, one_hot
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -40,3 +40,58 @@ def test_em_stops_when_converged() -> None:
     resp, weights, _, _ = diag_gmm_em(x, one_hot(labels, 2), iters=1000)
     assert torch.equal(resp.argmax(1), labels)
     torch.testing.assert_close(weights, torch.tensor([0.5, 0.5]), atol=1e-4, rtol=0)
+
+
+def _naive_entropy_merge(resp: np.ndarray, k: int) -> list[list[int]]:
+    """Baudry et al.'s merging, written out pair by pair from the entropy itself."""
+    groups = [[j] for j in range(resp.shape[1])]
+    t = [resp[:, j].copy() for j in range(resp.shape[1])]
+
+    def entropy(cols: list[np.ndarray]) -> float:
+        m = np.stack(cols, 1)
+        return float(-(m[m > 0] * np.log(m[m > 0])).sum())
+
+    while len(t) > k:
+        best = None
+        for i in range(len(t)):
+            for j in range(i + 1, len(t)):
+                rest = [c for c_i, c in enumerate(t) if c_i not in (i, j)]
+                e = entropy(rest + [t[i] + t[j]])
+                if best is None or e < best[0]:
+                    best = (e, i, j)
+        _, i, j = best
+        t[i] = t[i] + t[j]
+        groups[i] = sorted(groups[i] + groups[j])
+        del t[j], groups[j]
+    return groups
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_merge_by_entropy_matches_naive(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    resp = rng.dirichlet(np.full(7, 0.3), size=200)  # sharp but overlapping responsibilities
+    merged, groups = merge_by_entropy(torch.as_tensor(resp, dtype=torch.float32), 3)
+    assert groups == _naive_entropy_merge(resp, 3)
+    expect = np.stack([resp[:, g].sum(1) for g in groups], 1)
+    np.testing.assert_allclose(merged.numpy(), expect, rtol=1e-5, atol=1e-6)
+    assert merged.dtype == torch.float32
+
+
+def test_merge_by_entropy_joins_a_class_drawn_by_two_components() -> None:
+    # a banana-shaped class beside a small round one and a big round one: six components fitted to
+    # it, merged to three, give back the three groups however the components cut the banana
+    rng = np.random.default_rng(0)
+    angle = rng.uniform(0, np.pi, 600)
+    banana = np.stack([4 * np.cos(angle), 4 * np.sin(angle)], 1) + rng.normal(0, 0.3, (600, 2))
+    small = rng.normal([0.0, -4.0], 0.3, (40, 2))
+    big = rng.normal([12.0, 0.0], 1.0, (400, 2))
+    x = np.concatenate([banana, small, big])
+    truth = np.repeat([0, 1, 2], [600, 40, 400])
+    gmm = GaussianMixture(6, covariance_type="full", random_state=0, n_init=3).fit(x)
+    merged, groups = merge_by_entropy(torch.as_tensor(gmm.predict_proba(x)), 3)
+    pred = merged.argmax(1).numpy()
+    from sklearn.metrics import adjusted_rand_score
+    assert adjusted_rand_score(truth, pred) > 0.95
+    assert sum(len(g) for g in groups) == 6 and sorted(j for g in groups for j in g) == list(range(6))
+    with pytest.raises(ValueError, match="k must be in"):
+        merge_by_entropy(torch.as_tensor(gmm.predict_proba(x)), 7)

@@ -4,6 +4,9 @@
   RNG), from given responsibilities (``init_partition: kmeans``: a k-means partition).
 - :func:`full_gmm` -- a full-covariance mixture (scikit-learn, locally seeded), the best
   likelihood of k-means and k-means++ starts (``init_partition: gmm``).
+- :func:`merge_by_entropy` -- merges a mixture's components into fewer clusters, each step the pair
+  whose union most lowers the entropy of the responsibilities (Baudry et al. 2010), for a mixture
+  fitted with more components than clusters (``overcluster``).
 
 Unlike k-means, a mixture with per-cluster means, covariances and weights (cardinalities) lets a
 small, tight cluster keep its points next to a big, spread one.
@@ -78,6 +81,43 @@ def full_gmm(x: Tensor, k: int, n_init: int, seed: int, max_iter: int = 100, reg
                 best = gmm
         resp = best.predict_proba(data)
     return torch.from_numpy(resp).float().to(x.device)
+
+
+def merge_by_entropy(resp: Tensor, k: int) -> tuple[Tensor, list[list[int]]]:
+    """Merge the components of responsibilities ``resp (N, M)`` into ``k`` clusters.
+
+    Baudry, Raftery, Celeux, Lo and Gottardo, "Combining mixture components for clustering"
+    (JCGS 2010): while more than ``k`` groups remain, merge the two whose union most lowers the
+    entropy ``-sum_n sum_j t_nj log t_nj`` of the responsibilities, i.e. that maximise
+    ``sum_n [(t_ni + t_nj) log(t_ni + t_nj) - t_ni log t_ni - t_nj log t_nj]``. Two components
+    that share their samples (one cluster that is not Gaussian, drawn by two of them) merge first;
+    two that are apart, whatever their sizes, last. The merged responsibilities are the sums of
+    their components'.
+
+    Returns ``(resp (N, k), groups)``, ``groups[c]`` the sorted original components of cluster ``c``
+    (clusters ordered by their smallest component).
+    """
+    if not 1 <= k <= resp.shape[1]:
+        raise ValueError(f"k must be in [1, {resp.shape[1]}] (the number of components), got {k}")
+    t = resp.detach().double().cpu()
+    groups = [[j] for j in range(t.shape[1])]
+
+    def plogp(v: Tensor) -> Tensor:
+        return torch.xlogy(v, v).sum(0)
+
+    while t.shape[1] > k:
+        own = plogp(t)  # (M,)
+        m = t.shape[1]
+        gain = torch.full((m, m), -math.inf, dtype=torch.float64)
+        for i in range(m - 1):
+            union = t[:, i:i + 1] + t[:, i + 1:]  # (N, M - i - 1)
+            gain[i, i + 1:] = plogp(union) - own[i] - own[i + 1:]
+        i, j = divmod(int(gain.argmax()), m)
+        t[:, i] += t[:, j]
+        t = torch.cat([t[:, :j], t[:, j + 1:]], 1)
+        groups[i] = sorted(groups[i] + groups[j])
+        del groups[j]
+    return t.to(device=resp.device, dtype=resp.dtype), groups
 
 
 def one_hot(labels: Tensor, k: int) -> Tensor:

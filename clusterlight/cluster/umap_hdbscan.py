@@ -51,8 +51,15 @@ def preserve_torch_threads():
 
 
 def reduce_umap(x: np.ndarray, n_neighbors: int, seed: int, min_dist: float = 0.0,
-                n_components: int = 2) -> np.ndarray:
-    """UMAP embedding ``[N, n_components]`` (float32) of ``x`` ``[N, D]``, deterministic in ``seed``."""
+                n_components: int = 2, set_op_mix_ratio: float = 1.0) -> np.ndarray:
+    """UMAP embedding ``[N, n_components]`` (float32) of ``x`` ``[N, D]``, deterministic in ``seed``.
+
+    ``set_op_mix_ratio`` is UMAP's: how the directed k-NN memberships are made symmetric, from the
+    fuzzy union (1, UMAP's default: an edge ``i -> j`` counts fully even when ``i`` is not among
+    ``j``'s neighbours) to the fuzzy intersection (0: only mutual neighbours keep their weight).
+    """
+    if not 0.0 <= set_op_mix_ratio <= 1.0:
+        raise ValueError(f"set_op_mix_ratio must be in [0, 1], got {set_op_mix_ratio}")
     import umap  # imported lazily: numba compilation takes seconds
 
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
@@ -61,11 +68,15 @@ def reduce_umap(x: np.ndarray, n_neighbors: int, seed: int, min_dist: float = 0.
         raise ValueError(f"UMAP needs at least 4 points, got {n}")
     n_neighbors = int(min(max(2, n_neighbors), n - 1))
     reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, n_components=n_components,
-                        random_state=int(seed), n_jobs=1, transform_seed=int(seed))
+                        random_state=int(seed), n_jobs=1, transform_seed=int(seed),
+                        set_op_mix_ratio=float(set_op_mix_ratio))
     with warnings.catch_warnings(), preserve_torch_threads():
         warnings.simplefilter("ignore")  # disconnected-graph and spectral-init notices
-        out = reducer.fit_transform(x)
-    return np.asarray(out, dtype=np.float32)
+        out = np.asarray(reducer.fit_transform(x), dtype=np.float32)
+    if not np.isfinite(out).all():  # a point left with no edge (intersection-leaning mixes) has no position
+        raise ValueError(f"UMAP (set_op_mix_ratio {set_op_mix_ratio:g}) left {int((~np.isfinite(out).all(1)).sum())} "
+                         "points without a position; raise set_op_mix_ratio or n_neighbors")
+    return out
 
 
 def _num_clusters(labels: np.ndarray) -> int:

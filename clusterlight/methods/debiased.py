@@ -22,7 +22,7 @@ from torch import Tensor
 
 from clusterlight.cluster.agglomerative import knn_graph
 from clusterlight.cluster.kmeans import kmeans
-from clusterlight.cluster.mixture import diag_gmm_em, full_gmm, one_hot
+from clusterlight.cluster.mixture import diag_gmm_em, full_gmm, merge_by_entropy, one_hot
 from clusterlight.cluster.umap_hdbscan import preserve_torch_threads, reduce_umap
 from clusterlight.errors import ClusterlightError
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
@@ -205,6 +205,11 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         manifold: ``umap``: ``C`` learns to embed ``R``'s features as their UMAP embedding (see
             *Clustering space*); ``none``: ``C`` is trained by the self-training loss alone.
         umap_neighbors: UMAP's neighbourhood size for the clustering space.
+        umap_set_op_mix_ratio: UMAP's symmetrisation of the k-NN graph of ``R``'s features: 1, the
+            fuzzy union (UMAP's default), keeps an edge ``i -> j`` at full weight even when ``i`` is
+            not among ``j``'s nearest; towards 0, the fuzzy intersection, only mutual neighbours
+            keep their weight. A tail-class sample's nearest samples are mostly of head classes
+            (more of them everywhere), but it is rarely among theirs: the union glues it to them.
         distill_epochs: passes over the training split that fit ``C`` to the UMAP embedding when
             clustering starts.
         distill_weight: weight of ``C``'s embedding loss (distance to the UMAP target) during co-training.
@@ -215,6 +220,11 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             Gaussian mixture, the best likelihood of ``kmeans_n_init`` starts from k-means and as many
             from k-means++) or ``kmeans``
             (``kmeans_n_init`` restarts, then ``gmm_iters`` of diagonal EM; the earlier default).
+        overcluster: ``m > 1``: the initial mixture (``init_partition: gmm``) has ``m * K``
+            components, merged into ``K`` clusters, each step the two whose union most lowers the
+            entropy of the responsibilities (:func:`~clusterlight.cluster.mixture.merge_by_entropy`,
+            Baudry et al. 2010): a head class that one Gaussian does not fit takes several
+            components that end in one cluster instead of two clusters of its own. ``1``: off.
         use_variance: use the pooled variances (``false``: unit variances).
         use_cardinality: use the pooled cardinalities (``false``: uniform prior, DEC target).
         cotrain: keep training ``R`` during clustering (``false``: ``C`` alone on a frozen ``R``).
@@ -292,10 +302,12 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         kmeans_seed: int = 0,
         manifold: Literal["umap", "none"] = "umap",
         umap_neighbors: int = 15,
+        umap_set_op_mix_ratio: float = 1.0,
         distill_epochs: int = 20,
         distill_weight: float = 1.0,
         gmm_iters: int = 100,
         init_partition: Literal["gmm", "kmeans"] = "gmm",
+        overcluster: int = 1,
         neighbours: int = 0,
         mutual_neighbours: bool = False,
         augment: float = 0.0,
@@ -377,6 +389,10 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             raise ClusterlightError("umap_neighbors must be >= 2; distill_epochs, distill_weight and gmm_iters >= 0")
         self.manifold = manifold
         self.umap_neighbors = umap_neighbors
+        if isinstance(umap_set_op_mix_ratio, bool) or not isinstance(umap_set_op_mix_ratio, (int, float)) \
+                or not 0.0 <= umap_set_op_mix_ratio <= 1.0:
+            raise ClusterlightError(f"umap_set_op_mix_ratio must be a number in [0, 1], got {umap_set_op_mix_ratio!r}")
+        self.umap_set_op_mix_ratio = float(umap_set_op_mix_ratio)
         self.distill_epochs = distill_epochs
         self.distill_weight = distill_weight
         self.gmm_iters = gmm_iters
@@ -387,6 +403,11 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if isinstance(kmeans_n_init, bool) or not isinstance(kmeans_n_init, int) or kmeans_n_init < 1:
             raise ClusterlightError(f"kmeans_n_init must be a positive integer, got {kmeans_n_init!r}")
         self.init_partition = init_partition
+        if isinstance(overcluster, bool) or not isinstance(overcluster, int) or overcluster < 1:
+            raise ClusterlightError(f"overcluster must be a positive integer (1: off), got {overcluster!r}")
+        if overcluster > 1 and init_partition != "gmm":
+            raise ClusterlightError(f"overcluster {overcluster} needs init_partition gmm, got {init_partition!r}")
+        self.overcluster = overcluster
         if contrast_weight < 0 or not contrast_temperature > 0 or projection_dim < 1:
             raise ClusterlightError("contrast_weight must be >= 0, contrast_temperature > 0 and projection_dim >= 1")
         if isinstance(augment, bool) or not isinstance(augment, (int, float)) or not 0.0 <= augment <= 4.0:
@@ -786,12 +807,19 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             target = None
             if self.trainer.is_global_zero:
                 x = _standardise(z_r)
-                with preserve_torch_threads():
-                    u = reduce_umap(x.cpu().numpy(), self.umap_neighbors, seed=self.kmeans_seed,
-                                    n_components=self.manifold_target.shape[1])
-                target = torch.from_numpy(u).float().to(self.device)
-                target = _standardise(target)
+                try:
+                    with preserve_torch_threads():
+                        u = reduce_umap(x.cpu().numpy(), self.umap_neighbors, seed=self.kmeans_seed,
+                                        set_op_mix_ratio=self.umap_set_op_mix_ratio,
+                                        n_components=self.manifold_target.shape[1])
+                    target = _standardise(torch.from_numpy(u).float().to(self.device))
+                except ValueError as err:  # broadcast a NaN target so that every rank raises below
+                    rank_zero_info(f"DebiasedClustering: {err}")
+                    target = torch.full((x.shape[0], self.manifold_target.shape[1]), float("nan"), device=self.device)
             self.manifold_target = self.broadcast_tensor(target).float()
+            if not torch.isfinite(self.manifold_target).all():
+                raise ClusterlightError(f"UMAP left points of the training split without a position (umap_set_op_mix_ratio "
+                                        f"{self.umap_set_op_mix_ratio:g}); raise umap_set_op_mix_ratio or umap_neighbors")
             space = self.manifold_target
         if space.shape[0] < self.num_clusters:  # every rank holds the whole split: all raise together
             raise ValueError(f"the training split has {space.shape[0]} samples, fewer than num_clusters "
@@ -817,11 +845,20 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             self._fit_ood_statistics(z_r)  # R is unchanged since z_r was computed
 
     def _full_gmm_partition(self, space: Tensor) -> Tensor:
-        """Responsibilities ``(N, K)`` of the full-covariance mixture on ``space`` (:func:`full_gmm`)."""
+        """Responsibilities ``(N, K)`` of the full-covariance mixture on ``space`` (:func:`full_gmm`).
+
+        With ``overcluster`` ``m > 1`` the mixture has ``m * K`` components, merged into ``K``
+        clusters by :func:`merge_by_entropy`.
+        """
         start = time.perf_counter()
-        resp = full_gmm(space, self.num_clusters, self.kmeans_n_init, self.kmeans_seed, max_iter=self.gmm_iters)
+        components = self.overcluster * self.num_clusters
+        resp = full_gmm(space, components, self.kmeans_n_init, self.kmeans_seed, max_iter=self.gmm_iters)
+        merged = ""
+        if components > self.num_clusters:
+            resp, groups = merge_by_entropy(resp, self.num_clusters)
+            merged = f", {components} components merged by entropy into {[len(g) for g in groups]}"
         rank_zero_info(f"DebiasedClustering: initial partition, a full-covariance mixture on {space.shape[0]} x "
-                       f"{space.shape[1]} ({2 * self.kmeans_n_init} starts, {time.perf_counter() - start:.1f} s)")
+                       f"{space.shape[1]} ({2 * self.kmeans_n_init} starts{merged}, {time.perf_counter() - start:.1f} s)")
         return resp
 
     @torch.enable_grad()
