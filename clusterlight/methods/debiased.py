@@ -818,8 +818,8 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                     target = torch.full((x.shape[0], self.manifold_target.shape[1]), float("nan"), device=self.device)
             self.manifold_target = self.broadcast_tensor(target).float()
             if not torch.isfinite(self.manifold_target).all():
-                raise ClusterlightError(f"UMAP left points of the training split without a position (umap_set_op_mix_ratio "
-                                        f"{self.umap_set_op_mix_ratio:g}); raise umap_set_op_mix_ratio or umap_neighbors")
+                raise ClusterlightError(f"UMAP gave no usable embedding of the training split (the reason is logged by rank 0; "
+                                        f"umap_set_op_mix_ratio {self.umap_set_op_mix_ratio:g}: below 1, raise it or umap_neighbors)")
             space = self.manifold_target
         if space.shape[0] < self.num_clusters:  # every rank holds the whole split: all raise together
             raise ValueError(f"the training split has {space.shape[0]} samples, fewer than num_clusters "
