@@ -507,6 +507,58 @@ def test_overcluster_and_umap_mix_options_refuse_bad_values() -> None:
     for bad in (-0.1, 1.5, True, "mutual"):
         with pytest.raises(ValueError, match="umap_set_op_mix_ratio must be"):
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), umap_set_op_mix_ratio=bad)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="umap_runs must be"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), umap_runs=bad)
+    with pytest.raises(ValueError, match="needs manifold umap"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), umap_runs=3, manifold="none")
+
+
+def test_umap_runs_start_from_the_consensus_of_each_embeddings_partition(tmp_path: Path, monkeypatch) -> None:
+    """With ``umap_runs: 3`` UMAP embeds the training features with three seeds (the first one is
+    C's target), each embedding is partitioned, and the SPBs start from the consensus of the three
+    partitions (checked against :func:`consensus_responsibilities`, itself checked against brute force)."""
+    from clusterlight.cluster import umap_hdbscan
+    from clusterlight.cluster.consensus import consensus_responsibilities
+    from clusterlight.methods import debiased
+    from clusterlight.nn.stats_pool import StatisticsPooling
+
+    seeds, parts, resets = [], [], []
+    real_umap, real_partition, real_reset = umap_hdbscan.reduce_umap, debiased.DebiasedClustering._partition, \
+        StatisticsPooling.reset_from
+
+    def umap_spy(x, n, seed, **kw):
+        seeds.append(seed)
+        return real_umap(x, n, seed, **kw)
+
+    def partition_spy(self, space, manifold, monitor_only):
+        out = real_partition(self, space, manifold, monitor_only)
+        if manifold:
+            parts.append((space.clone(), out.clone()))
+            resets.append("partition")
+        return out
+
+    def reset_spy(self, x, w):
+        resets.append(w.clone())
+        return real_reset(self, x, w)
+
+    monkeypatch.setattr(debiased, "reduce_umap", umap_spy)
+    monkeypatch.setattr(debiased.DebiasedClustering, "_partition", partition_spy)
+    monkeypatch.setattr(StatisticsPooling, "reset_from", reset_spy)
+    args = METHOD_ARGS["DebiasedClustering"] + ["--model.umap_runs=3", "--model.kmeans_seed=4"] \
+        + data_args("digits", max_samples=300) + base_args(tmp_path, epochs=2, logger="none")
+    cli = main(["fit", *args])
+    assert seeds == [4, 5, 6]
+    assert len(parts) == 3
+    spaces = [p[0] for p in parts]
+    assert torch.equal(spaces[0], cli.model.manifold_target)
+    assert not torch.allclose(spaces[0], spaces[1]) and not torch.allclose(spaces[1], spaces[2])
+    want, _ = consensus_responsibilities(torch.stack([p[1] for p in parts]))
+    # the two resets right after the last partition are spb_r's and spb_c's, from the combined responsibilities
+    last = max(i for i, r in enumerate(resets) if isinstance(r, str))
+    assert resets[last - 2:last + 1] == ["partition"] * 3
+    for got in resets[last + 1:last + 3]:
+        torch.testing.assert_close(got, torch.from_numpy(want).float())
 
 
 def test_reduce_umap_passes_the_set_operation_to_umap() -> None:

@@ -95,3 +95,66 @@ def test_merge_by_entropy_joins_a_class_drawn_by_two_components() -> None:
     assert sum(len(g) for g in groups) == 6 and sorted(j for g in groups for j in g) == list(range(6))
     with pytest.raises(ValueError, match="k must be in"):
         merge_by_entropy(torch.as_tensor(gmm.predict_proba(x)), 7)
+
+
+def _naive_consensus_responsibilities(resps: np.ndarray, iters: int) -> np.ndarray:
+    """Brute force over all K! relabellings: align argmaxes to member 0, vote, re-align to the vote, average."""
+    import itertools
+
+    m, n, k = resps.shape
+    labels = resps.argmax(2)
+    perms = [np.array(p) for p in itertools.permutations(range(k))]
+
+    def best_perm(lab: np.ndarray, ref: np.ndarray) -> np.ndarray:  # perm[label] = reference label
+        return max(perms, key=lambda p: int((p[lab] == ref).sum()))
+
+    def majority(aligned: list[np.ndarray]) -> np.ndarray:
+        counts = np.zeros((n, k), dtype=int)
+        for a in aligned:
+            counts[np.arange(n), a] += 1
+        return counts.argmax(1)  # ties to the smallest label
+
+    ref = labels[0]
+    vote = majority([best_perm(lab, ref)[lab] for lab in labels])
+    for _ in range(iters):
+        vote = majority([best_perm(lab, vote)[lab] for lab in labels])
+    out, agree = np.zeros((n, k)), np.zeros(n)
+    for r, lab in zip(resps, labels):
+        p = best_perm(lab, vote)
+        for j in range(k):
+            out[:, p[j]] += r[:, j]
+        agree += p[lab] == vote
+    return out / m, agree / m
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_consensus_responsibilities_against_a_brute_force_reference(seed: int) -> None:
+    from clusterlight.cluster.consensus import consensus_responsibilities
+
+    rng = np.random.default_rng(seed)
+    n, k, m = 60, 4, 5
+    truth = rng.integers(0, k, n)
+    resps = []
+    for _ in range(m):  # each member: the same partition with 15 % of points moved, soft, labels renamed
+        lab = np.where(rng.random(n) < 0.15, rng.integers(0, k, n), truth)
+        soft = rng.dirichlet(np.ones(k), n) * 0.4 + np.eye(k)[lab] * 0.6
+        resps.append(soft[:, rng.permutation(k)])
+    resps = np.stack(resps)
+    got, agreement = consensus_responsibilities(resps, iters=2)
+    want, want_agreement = _naive_consensus_responsibilities(resps, iters=2)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    np.testing.assert_allclose(agreement, want_agreement, atol=1e-12)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-12)
+
+
+def test_consensus_responsibilities_ignore_member_label_names() -> None:
+    from clusterlight.cluster.consensus import consensus_responsibilities
+
+    rng = np.random.default_rng(3)
+    base = [rng.dirichlet(np.ones(3) * 0.3, 50) for _ in range(3)]
+    renamed = [base[0]] + [b[:, rng.permutation(3)] for b in base[1:]]
+    a, _ = consensus_responsibilities(np.stack(base))
+    b, _ = consensus_responsibilities(np.stack(renamed))
+    np.testing.assert_allclose(a, b, atol=1e-12)
+    with pytest.raises(ValueError, match="members, points, clusters"):
+        consensus_responsibilities(np.ones((3, 4)))

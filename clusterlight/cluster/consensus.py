@@ -10,6 +10,8 @@ of another. The functions here put every member into one label space and combine
   (``iters`` times): the reference no longer depends on one member's mistakes.
 - :func:`vote` -- the majority label of each point and the fraction of members that cast it.
 - :func:`select_agreed` -- the points whose majority reaches an agreement threshold.
+- :func:`consensus_responsibilities` -- the same for soft partitions: each member's
+  responsibilities are relabelled to the consensus vote of their argmaxes and averaged.
 
 Conventions: a labelling is an integer array ``[M, N]`` (M members, N points) with values in
 ``[0, K)``, or ``-1`` for a point a member leaves unassigned (HDBSCAN noise). Unassigned points
@@ -24,7 +26,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["align_labelings", "align_to", "consensus", "select_agreed", "vote", "vote_counts"]
+__all__ = ["align_labelings", "align_to", "consensus", "consensus_responsibilities", "select_agreed", "vote",
+           "vote_counts"]
 
 
 def _as_labelings(labelings: Any) -> np.ndarray:
@@ -168,3 +171,32 @@ def consensus(labelings: Any, k: int, pivot: int = 0, iters: int = 1) -> tuple[n
         aligned = new
         labels, agreement = vote(aligned, k)
     return aligned, labels, agreement
+
+
+def consensus_responsibilities(resps: Any, iters: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Average soft partitions of the same points after putting them in one label space.
+
+    Args:
+        resps: ``[M, N, K]`` responsibilities (rows sum to 1) of M members.
+        iters: re-alignment rounds of :func:`consensus` on the members' argmax labels (pivot 0).
+
+    Returns:
+        ``(resp, agreement)``: ``resp`` ``[N, K]`` the mean over members of each member's columns
+        permuted by the one-to-one map that best aligns its argmax labels with the consensus vote
+        (member 0's label space), and ``agreement`` ``[N]`` the fraction of members whose aligned
+        argmax is the vote. A member's column that no point takes as argmax is mapped to a label
+        left over by the matching (the Hungarian assignment is on all K labels).
+    """
+    if hasattr(resps, "detach"):
+        resps = resps.detach().cpu().numpy()
+    r = np.asarray(resps, dtype=np.float64)
+    if r.ndim != 3 or r.shape[0] < 1 or r.shape[2] < 1:
+        raise ValueError(f"resps must be a [members, points, clusters] array, got shape {r.shape}")
+    k = r.shape[2]
+    labels = r.argmax(axis=2)
+    _, vote_labels, agreement = consensus(labels, k, pivot=0, iters=iters)
+    out = np.zeros(r.shape[1:], dtype=np.float64)
+    for member, lab in zip(r, labels):
+        mapping = _matching(lab, vote_labels, k)  # member's label -> consensus label
+        out[:, mapping] += member
+    return out / len(r), agreement

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from clusterlight.cluster.agglomerative import knn_graph
+from clusterlight.cluster.consensus import consensus_responsibilities
 from clusterlight.cluster.kmeans import kmeans
 from clusterlight.cluster.mixture import diag_gmm_em, full_gmm, merge_by_entropy, one_hot
 from clusterlight.cluster.umap_hdbscan import preserve_torch_threads, reduce_umap
@@ -210,6 +211,14 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             not among ``j``'s nearest; towards 0, the fuzzy intersection, only mutual neighbours
             keep their weight. A tail-class sample's nearest samples are mostly of head classes
             (more of them everywhere), but it is rarely among theirs: the union glues it to them.
+        umap_runs: ``M > 1``: UMAP embeds the features ``M`` times, with seeds ``kmeans_seed`` to
+            ``kmeans_seed + M - 1``; each embedding gets its own initial partition, and the
+            partitions are combined: aligned one-to-one to the majority vote of their hard labels
+            and their responsibilities averaged
+            (:func:`~clusterlight.cluster.consensus.consensus_responsibilities`). ``C``'s target is
+            the first embedding. UMAP's layout depends on its seed, and so does which head class
+            an embedding cuts in two and which small classes it joins; the vote keeps what most
+            embeddings agree on. Costs ``M - 1`` more UMAP fits and partitions on rank 0. ``1``: one.
         distill_epochs: passes over the training split that fit ``C`` to the UMAP embedding when
             clustering starts.
         distill_weight: weight of ``C``'s embedding loss (distance to the UMAP target) during co-training.
@@ -303,6 +312,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         manifold: Literal["umap", "none"] = "umap",
         umap_neighbors: int = 15,
         umap_set_op_mix_ratio: float = 1.0,
+        umap_runs: int = 1,
         distill_epochs: int = 20,
         distill_weight: float = 1.0,
         gmm_iters: int = 100,
@@ -393,6 +403,11 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                 or not 0.0 <= umap_set_op_mix_ratio <= 1.0:
             raise ClusterlightError(f"umap_set_op_mix_ratio must be a number in [0, 1], got {umap_set_op_mix_ratio!r}")
         self.umap_set_op_mix_ratio = float(umap_set_op_mix_ratio)
+        if isinstance(umap_runs, bool) or not isinstance(umap_runs, int) or umap_runs < 1:
+            raise ClusterlightError(f"umap_runs must be a positive integer (1: one embedding), got {umap_runs!r}")
+        if umap_runs > 1 and manifold != "umap":
+            raise ClusterlightError(f"umap_runs {umap_runs} needs manifold umap, got {manifold!r}")
+        self.umap_runs = umap_runs
         self.distill_epochs = distill_epochs
         self.distill_weight = distill_weight
         self.gmm_iters = gmm_iters
@@ -808,11 +823,16 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             if self.trainer.is_global_zero:
                 x = _standardise(z_r)
                 try:
-                    with preserve_torch_threads():
-                        u = reduce_umap(x.cpu().numpy(), self.umap_neighbors, seed=self.kmeans_seed,
-                                        set_op_mix_ratio=self.umap_set_op_mix_ratio,
-                                        n_components=self.manifold_target.shape[1])
-                    target = _standardise(torch.from_numpy(u).float().to(self.device))
+                    # umap_runs embeddings from consecutive seeds: the first is C's target, all of them
+                    # are partitioned below and the partitions combined (rank 0 only)
+                    embeddings = []
+                    for run in range(self.umap_runs):
+                        with preserve_torch_threads():
+                            u = reduce_umap(x.cpu().numpy(), self.umap_neighbors, seed=self.kmeans_seed + run,
+                                            set_op_mix_ratio=self.umap_set_op_mix_ratio,
+                                            n_components=self.manifold_target.shape[1])
+                        embeddings.append(_standardise(torch.from_numpy(u).float().to(self.device)))
+                    target = embeddings[0]
                 except ValueError as err:  # broadcast a NaN target so that every rank raises below
                     rank_zero_info(f"DebiasedClustering: {err}")
                     target = torch.full((x.shape[0], self.manifold_target.shape[1]), float("nan"), device=self.device)
@@ -826,15 +846,16 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                              f"({self.num_clusters})")
         resp = None
         if self.trainer.is_global_zero:
-            if self.init_partition == "gmm" and not monitor_only:
-                if not manifold:  # R's features, unscaled: the mixture's reg_covar assumes unit scale
-                    space = _standardise(space)
-                resp = self._full_gmm_partition(space)
+            if manifold and self.umap_runs > 1:
+                start = time.perf_counter()
+                parts = torch.stack([self._partition(e, manifold, monitor_only) for e in embeddings])
+                combined, agreement = consensus_responsibilities(parts)
+                resp = torch.from_numpy(combined).float().to(space.device)
+                rank_zero_info(f"DebiasedClustering: {self.umap_runs} UMAP embeddings partitioned and combined by vote "
+                               f"(a point's partitions agree with the vote on {float(agreement.mean()):.0%} of them "
+                               f"on average; {time.perf_counter() - start:.1f} s)")
             else:
-                labels = kmeans(space, self.num_clusters, n_init=self.kmeans_n_init, seed=self.kmeans_seed).labels
-                resp = one_hot(labels, self.num_clusters).to(space.device)
-                if self.gmm_iters > 0 and not monitor_only:
-                    resp = diag_gmm_em(space, resp, iters=self.gmm_iters)[0]
+                resp = self._partition(space, manifold, monitor_only)
         resp = self.broadcast_tensor(resp)
         self.spb_r.reset_from(z_r, resp)
         if manifold:
@@ -843,6 +864,18 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self.spb_c.reset_from(z_c, resp)
         if not monitor_only:
             self._fit_ood_statistics(z_r)  # R is unchanged since z_r was computed
+
+    def _partition(self, space: Tensor, manifold: bool, monitor_only: bool) -> Tensor:
+        """Responsibilities ``(N, K)`` of the initial partition of ``space`` (``init_partition``)."""
+        if self.init_partition == "gmm" and not monitor_only:
+            if not manifold:  # R's features, unscaled: the mixture's reg_covar assumes unit scale
+                space = _standardise(space)
+            return self._full_gmm_partition(space)
+        labels = kmeans(space, self.num_clusters, n_init=self.kmeans_n_init, seed=self.kmeans_seed).labels
+        resp = one_hot(labels, self.num_clusters).to(space.device)
+        if self.gmm_iters > 0 and not monitor_only:
+            resp = diag_gmm_em(space, resp, iters=self.gmm_iters)[0]
+        return resp
 
     def _full_gmm_partition(self, space: Tensor) -> Tensor:
         """Responsibilities ``(N, K)`` of the full-covariance mixture on ``space`` (:func:`full_gmm`).
