@@ -73,6 +73,12 @@ def _standardise(x: Tensor) -> Tensor:
     return (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
 
 
+def _check_positive_int(name: str, value: Any, note: str = "") -> None:
+    """Raise a one-line error unless ``value`` is an integer >= 1 (``True`` is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ClusterlightError(f"{name} must be a positive integer{note}, got {value!r}")
+
+
 def _median(x: Tensor) -> Tensor:
     """numpy's median over dim 0 (the mean of the two middle values for an even count)."""
     s = x.sort(0).values
@@ -362,8 +368,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if isinstance(ood_local_weight, bool) or not isinstance(ood_local_weight, (int, float)) \
                 or not 0.0 <= ood_local_weight <= 1.0:
             raise ClusterlightError(f"ood_local_weight must be a number in [0, 1] (0: off), got {ood_local_weight!r}")
-        if isinstance(ood_local_neighbours, bool) or not isinstance(ood_local_neighbours, int) or ood_local_neighbours < 1:
-            raise ClusterlightError(f"ood_local_neighbours must be a positive integer, got {ood_local_neighbours!r}")
+        _check_positive_int("ood_local_neighbours", ood_local_neighbours)
         self.ood_local_weight = float(ood_local_weight)
         self.ood_local_neighbours = int(ood_local_neighbours)
         # which scaling made the saved scales: a checkpoint loaded with the other one recomputes them
@@ -403,8 +408,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                 or not 0.0 <= umap_set_op_mix_ratio <= 1.0:
             raise ClusterlightError(f"umap_set_op_mix_ratio must be a number in [0, 1], got {umap_set_op_mix_ratio!r}")
         self.umap_set_op_mix_ratio = float(umap_set_op_mix_ratio)
-        if isinstance(umap_runs, bool) or not isinstance(umap_runs, int) or umap_runs < 1:
-            raise ClusterlightError(f"umap_runs must be a positive integer (1: one embedding), got {umap_runs!r}")
+        _check_positive_int("umap_runs", umap_runs, " (1: one embedding)")
         if umap_runs > 1 and manifold != "umap":
             raise ClusterlightError(f"umap_runs {umap_runs} needs manifold umap, got {manifold!r}")
         self.umap_runs = umap_runs
@@ -415,11 +419,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             raise ClusterlightError(f"init_partition must be one of {', '.join(INIT_PARTITIONS)}, got {init_partition!r}")
         if init_partition == "gmm" and gmm_iters < 1:
             raise ClusterlightError(f"init_partition gmm needs gmm_iters >= 1 (EM iterations per start), got {gmm_iters}")
-        if isinstance(kmeans_n_init, bool) or not isinstance(kmeans_n_init, int) or kmeans_n_init < 1:
-            raise ClusterlightError(f"kmeans_n_init must be a positive integer, got {kmeans_n_init!r}")
+        _check_positive_int("kmeans_n_init", kmeans_n_init)
         self.init_partition = init_partition
-        if isinstance(overcluster, bool) or not isinstance(overcluster, int) or overcluster < 1:
-            raise ClusterlightError(f"overcluster must be a positive integer (1: off), got {overcluster!r}")
+        _check_positive_int("overcluster", overcluster, " (1: off)")
         if overcluster > 1 and init_partition != "gmm":
             raise ClusterlightError(f"overcluster {overcluster} needs init_partition gmm, got {init_partition!r}")
         self.overcluster = overcluster
@@ -826,9 +828,10 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                     # umap_runs embeddings from consecutive seeds: the first is C's target, all of them
                     # are partitioned below and the partitions combined (rank 0 only)
                     embeddings = []
+                    features = x.cpu().numpy()
                     for run in range(self.umap_runs):
                         with preserve_torch_threads():
-                            u = reduce_umap(x.cpu().numpy(), self.umap_neighbors, seed=self.kmeans_seed + run,
+                            u = reduce_umap(features, self.umap_neighbors, seed=self.kmeans_seed + run,
                                             set_op_mix_ratio=self.umap_set_op_mix_ratio,
                                             n_components=self.manifold_target.shape[1])
                         embeddings.append(_standardise(torch.from_numpy(u).float().to(self.device)))
