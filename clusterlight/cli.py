@@ -53,7 +53,17 @@ class ClusterlightCLI(LightningCLI):
       prediction CSV; ``--collapse.*`` the collapse warning.
     - A ``--ckpt_path`` written by another method is refused before any work starts (LightningCLI
       would otherwise swap in the checkpoint's class and arguments).
+    - With ``--ckpt_path`` the model's arguments are the checkpoint's (LightningCLI replaces the
+      config's with them, so the weights fit the architecture), and then the ``--model.*`` options
+      given on the command line are applied on top: ``clusterlight test ... --ckpt_path <ckpt>
+      --model.init_args.ood_scaling=global`` tests with global scaling instead of silently using
+      the checkpoint's value.
     """
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # the raw command line, for the --model.* options re-applied over a checkpoint's arguments
+        self._raw_args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_clusters", "model.init_args.num_clusters", apply_on="instantiate")
@@ -132,6 +142,28 @@ class ClusterlightCLI(LightningCLI):
                 check_resume(ckpt, self.config.fit.get("seed_everything"),
                              (self.config.fit.data.get("init_args") or {}).get("batch_size"))
         super()._parse_ckpt_path()
+        if ckpt is not None:
+            self._reapply_model_options()
+
+    def _reapply_model_options(self) -> None:
+        """The command line's ``--model.*`` options over the checkpoint's model arguments."""
+        raw = getattr(self, "_raw_args", [])
+        given: list[str] = []
+        for i, token in enumerate(raw):
+            if not isinstance(token, str) or not token.startswith("--model."):
+                continue  # the bare --model (the class) already matches the checkpoint's method
+            given += [token] if "=" in token else [token, *raw[i + 1:i + 2]]
+        if not given:
+            return
+        sub = self.config.subcommand
+        before = self.config[sub].model.clone()
+        self.config = self.parser.parse_args([sub, *given], namespace=self.config)
+        after = self.config[sub].model
+        changed = [f"{key.split('.')[-1]} ({before[key]!r} -> {after[key]!r})" for key in after.keys()
+                   if key in before and before[key] != after[key]]
+        if changed:
+            rank_zero_info("clusterlight: model options from the command line applied over the checkpoint's: "
+                           + ", ".join(changed))
 
     def _preflight(self) -> None:
         """Find bad input before the Trainer starts (loggers create run folders at its start)."""

@@ -216,6 +216,20 @@ def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path, knn: boo
     ckpt = fit.trainer.checkpoint_callback.last_model_path
     assert bool(fit.model.spb_c.initialised) and float(fit.model.spb_c.count.sum()) > 0
     fresh = main(["test", *common, f"--ckpt_path={ckpt}"])
+    if knn:
+        # a --model option on the command line applies over the checkpoint's arguments (LightningCLI
+        # alone would test with the checkpoint's ood_scaling); the scales are refitted: global, each
+        # k's median k-th neighbour distance over the bank (scikit-learn), the same for every cluster
+        from sklearn.neighbors import NearestNeighbors
+
+        other = main(["test", *common, f"--ckpt_path={ckpt}", "--model.ood_scaling=global"])
+        assert fit.model.ood_scaling == "cluster" and other.model.ood_scaling == "global"
+        bank = other.model.ood_bank.double().numpy()
+        dist = NearestNeighbors(n_neighbors=17).fit(bank).kneighbors(bank)[0]  # column 0: the sample itself
+        want_scale = np.median(dist[:, [1, 4, 16]], axis=0)
+        got_scale = other.model.ood_scale.double().numpy()
+        np.testing.assert_allclose(got_scale, np.repeat(want_scale[:, None], got_scale.shape[1], 1), rtol=1e-4)
+        assert not np.allclose(fit.model.ood_scale.numpy(), fit.model.ood_scale.numpy()[:, :1])  # per cluster before
     assert bool(fit.model.spb_ood.initialised) and float(fit.model.spb_ood.sum_outer.abs().sum()) > 0
     for name in ("count", "sum", "sum_sq", "total_count", "total_sum", "total_sum_sq"):
         for spb in ("spb_r", "spb_c"):
@@ -494,6 +508,44 @@ def test_rotation_negatives_add_rotated_pairs_to_the_contrast_loss(tmp_path: Pat
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), rotation_negatives=True)
     with pytest.raises(ValueError, match="rotation_negatives needs square images"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 12), augment=1.0, rotation_negatives=True)
+
+
+def test_debias_views_weigh_the_contrast_loss_by_cardinality(tmp_path: Path, monkeypatch) -> None:
+    """``debias_views``: in co-training each NT-Xent call gets one weight per pair, of mean 1 over the
+    batch, each ``C * (K * pi_k)^-s`` for the cardinality prior ``pi`` of some cluster ``k`` with one
+    common ``C`` (checked against the SPB's prior at the call); pretraining's calls are unweighted.
+    The option needs view pairs."""
+    from clusterlight.methods import DebiasedClustering, debiased
+
+    calls = []
+    original_loss = debiased.nt_xent
+    holder = {}
+
+    def spy_loss(a, b, temperature, weight=None):
+        model = holder["model"]
+        calls.append((bool(model.pretraining), None if weight is None else weight.clone(), model.spb_c.prior().clone()))
+        return original_loss(a, b, temperature, weight)
+
+    monkeypatch.setattr(debiased, "nt_xent", spy_loss)
+    args = [*METHOD_ARGS["DebiasedClustering"], "--model.augment=1.0", "--model.debias_views=true",
+            "--model.debias_strength=0.5", *data_args("digits", max_samples=300), *base_args(tmp_path, epochs=2)]
+    cli = main(args, run=False)
+    holder["model"] = cli.model
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    k = cli.model.num_clusters
+    pre = [w for p, w, _ in calls if p]
+    co = [(w, prior) for p, w, prior in calls if not p]
+    assert pre and co and all(w is None for w in pre)
+    distinct = 0
+    for w, prior in co:
+        assert w is not None and float(w.mean()) == pytest.approx(1.0, rel=1e-5)
+        cand = (w.double()[:, None] * (k * prior.double()[None, :]) ** 0.5).numpy()  # C for each (pair, cluster)
+        common = [c for c in cand[0] if all(np.isclose(row, c, rtol=1e-4).any() for row in cand[1:])]
+        assert common, "the weights are not C * (K * pi_k)^-0.5 with one common C"
+        distinct += len(np.unique(w.numpy().round(6))) > 1
+    assert distinct > 0  # clusters of different sizes weigh differently in some step
+    with pytest.raises(ValueError, match="debias_views needs view pairs"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), debias_views=True)
 
 
 def test_overcluster_and_umap_mix_options_refuse_bad_values() -> None:
