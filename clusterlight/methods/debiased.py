@@ -209,6 +209,10 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         momentum: weight of the past in the SPBs' running statistics (per batch).
         target_power: sharpening exponent of the self-training target.
         debias_strength: exponent of the cardinality weights of ``R``'s reconstruction loss.
+        debias_views: weigh ``R``'s contrast loss of the view pairs by the same cardinality weights
+            (item 4; needs view pairs: ``neighbours`` or ``augment``): both rows of a sample's pair
+            count its weight in the NT-Xent mean. The contrast loss, not the reconstruction, shapes
+            most of ``R``'s features; unweighted, its pairs come mostly from head clusters.
         manifold: ``umap``: ``C`` learns to embed ``R``'s features as their UMAP embedding (see
             *Clustering space*); ``none``: ``C`` is trained by the self-training loss alone.
         umap_neighbors: UMAP's neighbourhood size for the clustering space.
@@ -302,6 +306,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         momentum: float = 0.9,
         target_power: float = 2.0,
         debias_strength: float = 0.5,
+        debias_views: bool = False,
         use_variance: bool = True,
         use_cardinality: bool = True,
         cotrain: bool = True,
@@ -390,6 +395,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self.pretrain_epochs = pretrain_epochs
         self.target_power = target_power
         self.debias_strength = debias_strength
+        self.debias_views = bool(debias_views)
         self.use_variance = use_variance
         self.use_cardinality = use_cardinality
         self.cotrain = cotrain
@@ -441,6 +447,8 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if rotation_negatives and self.input_shape[1] != self.input_shape[2]:
             raise ClusterlightError(f"rotation_negatives needs square images, got {self.input_shape[1]}x{self.input_shape[2]}")
         self.rotation_negatives = bool(rotation_negatives)
+        if debias_views and not views:
+            raise ClusterlightError("debias_views needs view pairs: set neighbours > 0 or augment > 0")
         self.projector = MLP(latent_dim, [2 * latent_dim], projection_dim) if views else None
         # C's target embedding of every training sample (rows by dataset index), set when clustering starts
         self.register_buffer("manifold_target", torch.zeros(0, cluster_dim))
@@ -635,17 +643,17 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         """``R``: the autoencoder and, with view pairs (neighbours or augment), its projection head."""
         return [self.representation] + ([self.projector] if self.projector is not None else [])
 
-    def _represent(self, images: Tensor, index: Tensor, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``R`` on a training batch: features, reconstruction and the neighbour-contrast loss.
+    def _represent(self, images: Tensor, index: Tensor, batch_idx: int) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """``R`` on a training batch: features, reconstruction and the projections of the view pairs.
 
         The second view of each image is one of its pixel-space neighbours (``neighbours``) or the
         image itself, under a random affine map when ``augment`` > 0; image and view are encoded
-        together, and the projections of the pairs enter :func:`nt_xent` over the global batch
-        (every rank's pairs are the negatives, as on one process). Without views: the contrast loss is 0.
+        together, and the projections of the pairs are gathered over the global batch for
+        :meth:`_contrast` (every rank's pairs are the negatives, as on one process). Without views: ``None``.
         """
         if self.projector is None:
             z_r, recon = self.representation(images)
-            return z_r, recon, images.new_zeros((), dtype=torch.float32)
+            return z_r, recon, None
         view = self._neighbour_images(index, batch_idx) if self.neighbours > 0 else images
         if self.augment > 0:
             # drawn for every training index with the batch's generator, kept for this batch's rows:
@@ -663,7 +671,22 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         recon = self.representation.decode(z_r)
         a, _ = self.gather_batch(self.projector(z_a))
         b, _ = self.gather_batch(self.projector(z_n))
-        return z_r, recon, self.gathered_loss(nt_xent(a, b, self.contrast_temperature))
+        return z_r, recon, (a, b)
+
+    def _contrast(self, pairs: tuple[Tensor, Tensor] | None, weight: Tensor | None = None) -> Tensor:
+        """NT-Xent of the gathered view pairs of :meth:`_represent` (0 without views).
+
+        ``weight``: this rank's per-sample weights (``debias_views``), gathered like the pairs and
+        repeated for the rotated copies of ``rotation_negatives``; ``None``: unweighted.
+        """
+        if pairs is None:
+            return torch.zeros((), dtype=torch.float32, device=self.device)
+        a, b = pairs
+        if weight is not None:
+            weight, _ = self.gather_batch(weight.float())
+            weight = weight.repeat(len(a) // len(weight))
+            return self.gathered_loss(nt_xent(a, b, self.contrast_temperature, weight))
+        return self.gathered_loss(nt_xent(a, b, self.contrast_temperature))
 
     # ------------------------------------------------------------------ hooks
     def configure_optimizers(self) -> Any:
@@ -690,18 +713,20 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
     def fit_step(self, images: Tensor, index: Tensor, batch_idx: int) -> dict[str, Tensor]:
         opt_r, opt_c = self.optimizers()
         if self.pretraining:
-            z_r, recon, contrast = self._represent(images, index, batch_idx)
+            z_r, recon, pairs = self._represent(images, index, batch_idx)
+            contrast = self._contrast(pairs)
             recon_loss = F.mse_loss(recon.float(), images.float())
             self._step(opt_r, recon_loss + self.contrast_weight * contrast + self._touch(self.clustering))
             return {"loss": (recon_loss + self.contrast_weight * contrast).detach(), "recon": recon_loss.detach(),
                     "contrast": contrast.detach()}
 
         # R step: reconstruction weighted by the cardinality of each sample's current cluster,
-        # plus the contrast of the view pairs (with ``neighbours`` or ``augment``).
+        # plus the contrast of the view pairs (with ``neighbours`` or ``augment``; weighted
+        # likewise with ``debias_views``).
         if self.cotrain:
-            z_r, recon, contrast = self._represent(images, index, batch_idx)
+            z_r, recon, pairs = self._represent(images, index, batch_idx)
         else:
-            (z_r, recon), contrast = self.representation(images), images.new_zeros((), dtype=torch.float32)
+            (z_r, recon), pairs = self.representation(images), None
         per_sample = (recon.float() - images.float()).pow(2).flatten(1).mean(1)
         with torch.no_grad():
             log_q_now, _, prior = self._posterior(self._cluster_space(z_r.detach()))
@@ -712,6 +737,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             else:
                 w = torch.ones_like(per_sample)
         recon_loss = (w * per_sample).mean()
+        contrast = self._contrast(pairs, w if self.debias_views else None)
         if self.cotrain:
             self._step(opt_r, recon_loss + self.contrast_weight * contrast + self._touch(self.clustering))
 
