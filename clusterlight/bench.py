@@ -254,6 +254,7 @@ def _run_grid(a: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     failures = 0
     t_grid = time.time()
+    packages = package_versions()
     for i, (m, d, s, seed) in enumerate(todo, 1):
         name = f"{m}-{a.variant}" if a.variant else m
         root = Path(a.runs).resolve() / a.budget / f"{name}-{d}-{s}-seed{seed}"  # the child runs in the repository
@@ -278,7 +279,7 @@ def _run_grid(a: argparse.Namespace) -> int:
                   "peak_rss_mb": round(r["peak_rss_mb"]), "peak_gpu_mb": r["peak_gpu_mb"],
                   "n_train": r["n_train"], "n_test": r["n_test"], "eval_on": r["eval_on"],
                   "device": device_name(), "config_hash": config_hash(args), "version": clusterlight.__version__,
-                  "args": args[1:]}
+                  "packages": packages, "args": args[1:]}
         with open(out, "a") as fh:  # one whole line per run: an interrupted grid loses at most the run in flight
             fh.write(json.dumps(record) + "\n")
         print(f"[{i}/{len(todo)}] {name} {d} {s} seed {seed}: acc {r.get('acc', float('nan')):.3f} "
@@ -286,6 +287,24 @@ def _run_grid(a: argparse.Namespace) -> int:
               flush=True)
     print(f"bench: grid done in {time.time() - t_grid:.0f}s, {failures} failed", flush=True)
     return 1 if failures else 0
+
+
+#: the packages whose versions go into every record: the same code and seed give other figures
+#: under other releases of these (UMAP's layout, the mixture's EM, the network's kernels)
+RECORDED_PACKAGES = ("torch", "lightning", "numpy", "scipy", "scikit-learn", "umap-learn", "pynndescent", "numba")
+
+
+def package_versions() -> dict[str, str | None]:
+    """The installed version of each of :data:`RECORDED_PACKAGES` (``None``: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 # ----------------------------------------------------------------------------------------- report

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sklearn
+import torch
 
 from clusterlight import bench
 
@@ -78,6 +80,9 @@ def test_grid_appends_one_record_per_run_and_resumes(tmp_path, monkeypatch) -> N
     for r in records:
         assert 0 <= r["acc"] <= 1 and 0 <= r["nmi"] <= 1 and r["nmi_geometric"] is not None
         assert r["train_s"] > 0 and r["peak_rss_mb"] > 100 and r["version"] and len(r["config_hash"]) == 12
+        # the releases the figures came from, as the imported modules report them
+        assert r["packages"]["torch"] == torch.__version__.split("+")[0]
+        assert r["packages"]["numpy"] == np.__version__ and r["packages"]["scikit-learn"] == sklearn.__version__
         assert r["device"].startswith("cpu")
     assert records[0]["ood_auroc"] is None and records[1]["ood_auroc"] is not None  # only the OOD split has it
     assert records[1]["n_train"] < records[0]["n_train"]  # long tail + held-out class
