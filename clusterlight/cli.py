@@ -57,7 +57,8 @@ class ClusterlightCLI(LightningCLI):
       config's with them, so the weights fit the architecture), and then the ``--model.*`` options
       given on the command line are applied on top: ``clusterlight test ... --ckpt_path <ckpt>
       --model.init_args.ood_scaling=global`` tests with global scaling instead of silently using
-      the checkpoint's value.
+      the checkpoint's value. Weights that do not fit the model those options build are refused
+      before the Trainer starts.
     """
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -165,8 +166,22 @@ class ClusterlightCLI(LightningCLI):
             rank_zero_info("clusterlight: model options from the command line applied over the checkpoint's: "
                            + ", ".join(changed))
 
+    def _check_checkpoint_fits(self) -> None:
+        """Refuse a ``--ckpt_path`` whose weights do not fit the model (one line, before the Trainer
+        starts): a ``--model.*`` option on the command line changed the architecture."""
+        ckpt = self._ckpt_path()
+        if ckpt is None:
+            return
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True).get("state_dict", {})
+        for name, param in self.model.named_parameters():
+            if name in saved and tuple(saved[name].shape) != tuple(param.shape):
+                raise ClusterlightError(
+                    f"ckpt_path {ckpt} does not fit the model: {name} is {tuple(saved[name].shape)} in the checkpoint, "
+                    f"{tuple(param.shape)} in the model (a --model option on the command line changes the architecture)")
+
     def _preflight(self) -> None:
         """Find bad input before the Trainer starts (loggers create run folders at its start)."""
+        self._check_checkpoint_fits()
         if not getattr(self.datamodule, "download", False):
             # Loads the data and builds the splits now; the Trainer's own setup call reuses them.
             self.datamodule.setup(self.config.get("subcommand"))

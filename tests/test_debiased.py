@@ -230,6 +230,9 @@ def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path, knn: boo
         got_scale = other.model.ood_scale.double().numpy()
         np.testing.assert_allclose(got_scale, np.repeat(want_scale[:, None], got_scale.shape[1], 1), rtol=1e-4)
         assert not np.allclose(fit.model.ood_scale.numpy(), fit.model.ood_scale.numpy()[:, :1])  # per cluster before
+        # one that changes the architecture is refused in one line before the Trainer starts
+        with pytest.raises(ValueError, match=r"does not fit the model: representation\..* is \(8, .* \(6, "):
+            main(["test", *common, f"--ckpt_path={ckpt}", "--model.latent_dim=6"])
     assert bool(fit.model.spb_ood.initialised) and float(fit.model.spb_ood.sum_outer.abs().sum()) > 0
     for name in ("count", "sum", "sum_sq", "total_count", "total_sum", "total_sum_sq"):
         for spb in ("spb_r", "spb_c"):
