@@ -63,7 +63,8 @@ class ClusterlightCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # the raw command line, for the --model.* options re-applied over a checkpoint's arguments
-        self._raw_args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        # (a dict or Namespace of arguments has no command line: nothing to re-apply)
+        self._raw_args = list(sys.argv[1:]) if args is None else list(args) if isinstance(args, (list, tuple)) else []
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
