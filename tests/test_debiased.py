@@ -513,8 +513,9 @@ def test_rotation_negatives_add_rotated_pairs_to_the_contrast_loss(tmp_path: Pat
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 12), augment=1.0, rotation_negatives=True)
 
 
+@pytest.mark.slow
 def test_debias_views_weigh_the_contrast_loss_by_cardinality(tmp_path: Path, monkeypatch) -> None:
-    """``debias_views``: in co-training each NT-Xent call gets one weight per pair, of mean 1 over the
+    """(Slow: about 15 s, for an option no config sets.) ``debias_views``: in co-training each NT-Xent call gets one weight per pair, of mean 1 over the
     batch, each ``C * (K * pi_k)^-s`` for the cardinality prior ``pi`` of some cluster ``k`` with one
     common ``C`` (checked against the SPB's prior at the call); pretraining's calls are unweighted.
     The option needs view pairs."""
