@@ -130,6 +130,8 @@ class ClusterlightCLI(LightningCLI):
                 checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
             except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
                 raise ClusterlightError(f"ckpt_path {ckpt} is not a readable checkpoint ({type(err).__name__})") from None
+            # the weights' shapes, for _check_checkpoint_fits once the model is built (no second load)
+            self._ckpt_shapes = {name: tuple(value.shape) for name, value in checkpoint.get("state_dict", {}).items()}
             wanted = self.config[self.config.subcommand]["model"]["class_path"]
             written = checkpoint.get("hyper_parameters", {}).get("_class_path")
             info = checkpoint.get("clusterlight") or {}
@@ -170,14 +172,13 @@ class ClusterlightCLI(LightningCLI):
     def _check_checkpoint_fits(self) -> None:
         """Refuse a ``--ckpt_path`` whose weights do not fit the model (one line, before the Trainer
         starts): a ``--model.*`` option on the command line changed the architecture."""
-        ckpt = self._ckpt_path()
-        if ckpt is None:
+        ckpt, saved = self._ckpt_path(), getattr(self, "_ckpt_shapes", None)
+        if ckpt is None or saved is None:
             return
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True).get("state_dict", {})
         for name, param in self.model.named_parameters():
-            if name in saved and tuple(saved[name].shape) != tuple(param.shape):
+            if name in saved and saved[name] != tuple(param.shape):
                 raise ClusterlightError(
-                    f"ckpt_path {ckpt} does not fit the model: {name} is {tuple(saved[name].shape)} in the checkpoint, "
+                    f"ckpt_path {ckpt} does not fit the model: {name} is {saved[name]} in the checkpoint, "
                     f"{tuple(param.shape)} in the model (a --model option on the command line changes the architecture)")
 
     def _preflight(self) -> None:
