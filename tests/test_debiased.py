@@ -107,13 +107,16 @@ def test_feature_mahalanobis_ood_score_matches_scipy() -> None:
 
 @pytest.mark.parametrize(("scaling", "metric", "local"), [("cluster", "euclidean", 0.0), ("global", "euclidean", 0.0),
                                                         ("cluster", "cosine", 0.0), ("global", "cosine", 0.0),
-                                                        ("global", "euclidean", 0.5), ("cluster", "cosine", 1.0)])
+                                                        ("global", "euclidean", 0.5), ("cluster", "cosine", 1.0),
+                                                        ("neighbours", "euclidean", 0.0), ("neighbours", "cosine", 0.5)])
 def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str, local: float) -> None:
     """``ood_score: knn``: mean over k of log(k-th neighbour distance / its cluster's median) -- or,
     with ``ood_scaling: global``, the median over all training samples -- against scikit-learn's
     NearestNeighbors and numpy medians. ``ood_metric: cosine``: scikit-learn's cosine distances
     ``d``, as the chord length ``sqrt(2 d)`` between unit vectors. ``ood_local_weight``: minus that
-    weight times the mean training score (itself excluded) of the 5 nearest training samples."""
+    weight times the mean training score (itself excluded) of the 5 nearest training samples.
+    ``ood_scaling: neighbours``: the scale is the geometric mean of the cluster medians of the 6
+    nearest training samples (a training sample's own match excluded), not of its own cluster."""
     from sklearn.neighbors import NearestNeighbors
 
     from clusterlight.methods import DebiasedClustering
@@ -122,7 +125,8 @@ def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str, loc
     ks = [1, 3, 8]
     model = DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), latent_dim=4, widths=[8, 8],
                                ood_score="knn", ood_neighbours=ks, ood_scaling=scaling, ood_metric=metric,
-                               reject_quantile=0.8, ood_local_weight=local, ood_local_neighbours=5)
+                               reject_quantile=0.8, ood_local_weight=local, ood_local_neighbours=5,
+                               ood_scale_neighbours=6)
     x = rng.normal(size=(90, 4)) * rng.uniform(0.5, 2.0, 4)
     cluster = rng.integers(0, 3, 90)
     cluster[cluster == 2] = 1  # cluster 2 is empty: its scale is the median over all samples
@@ -134,7 +138,7 @@ def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str, loc
         nn_ = NearestNeighbors(n_neighbors=max(ks) + 1).fit(x)
         chord = lambda d: d  # noqa: E731
     train_d = chord(nn_.kneighbors(x)[0][:, 1:])  # themselves excluded
-    scale = np.array([[np.median(train_d[cluster == c, k - 1]) if (cluster == c).any() and scaling == "cluster"
+    scale = np.array([[np.median(train_d[cluster == c, k - 1]) if (cluster == c).any() and scaling != "global"
                        else np.median(train_d[:, k - 1]) for c in range(3)] for k in ks])
     np.testing.assert_allclose(model.ood_scale.numpy(), scale, rtol=1e-4)
     z = rng.normal(size=(7, 4)) * 2
@@ -142,10 +146,15 @@ def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str, loc
     got = model._knn_scores(torch.as_tensor(z, dtype=torch.float32), torch.as_tensor(zc)).numpy()
     test_d, test_i = nn_.kneighbors(z, n_neighbors=max(ks))
     test_d = chord(test_d)
-    own = np.mean([np.log(train_d[:, k - 1] / scale[i, cluster]) for i, k in enumerate(ks)], 0)
-    train_nbrs = nn_.kneighbors(x, n_neighbors=6)[1][:, 1:]  # the 5 nearest, themselves excluded
-    train_ref = own - local * own[train_nbrs].mean(1)
-    ref = np.mean([np.log(test_d[:, k - 1] / scale[i, zc]) for i, k in enumerate(ks)], 0)
+    train_nbrs = nn_.kneighbors(x, n_neighbors=7)[1][:, 1:]  # the 6 nearest, themselves excluded
+    if scaling == "neighbours":  # each sample's scale: over its 6 nearest training samples' clusters
+        train_scale = np.exp(np.log(scale)[:, cluster[train_nbrs]].mean(2))  # (len(ks), N)
+        test_scale = np.exp(np.log(scale)[:, cluster[test_i[:, :6]]].mean(2))
+    else:
+        train_scale, test_scale = scale[:, cluster], scale[:, zc]
+    own = np.mean([np.log(train_d[:, k - 1] / train_scale[i]) for i, k in enumerate(ks)], 0)
+    train_ref = own - local * own[train_nbrs[:, :5]].mean(1)
+    ref = np.mean([np.log(test_d[:, k - 1] / test_scale[i]) for i, k in enumerate(ks)], 0)
     ref = ref - local * own[test_i[:, :5]].mean(1)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(model.ood_train_scores.numpy(), train_ref, rtol=1e-4, atol=1e-5)
@@ -347,10 +356,27 @@ def test_checkpoint_loads_with_other_neighbour_views_and_ood_neighbours(tmp_path
     other_m = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_local_weight=0.5, ood_local_neighbours=8)
     other_m.load_state_dict(local_state)
     assert other_m.ood_bank.shape[0] == 0
+    # scores scaled by the neighbours' clusters: not from a per-cluster bank, nor from another count
+    nbr = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_scaling="neighbours", ood_scale_neighbours=7)
+    nbr.load_state_dict(state)
+    assert nbr.ood_bank.shape[0] == 0 and nbr.ood_bank_cluster.shape[0] == 0
+    split = torch.arange(len(state["ood_bank"])) % 3
+    nbr._fit_knn_bank(state["ood_bank"], split)
+    nbr_state = nbr.state_dict()
+    same_nbr = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_scaling="neighbours", ood_scale_neighbours=7)
+    same_nbr.load_state_dict(nbr_state)
+    assert torch.equal(same_nbr.ood_bank_cluster, split) and torch.equal(same_nbr.ood_train_scores, nbr.ood_train_scores)
+    other_count = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_scaling="neighbours", ood_scale_neighbours=9)
+    other_count.load_state_dict(nbr_state)
+    assert other_count.ood_bank.shape[0] == 0
+    per_cluster = DebiasedClustering(**small, ood_neighbours=[1, 2, 4])  # and back to per-cluster scales
+    per_cluster.load_state_dict(nbr_state)
+    assert per_cluster.ood_bank.shape[0] == 0
     # a checkpoint from before ood_scaling, ood_metric and the local correction (no flags, no bank
     # scores): per cluster, Euclidean, uncorrected, kept by the defaults
     old = {k: v for k, v in state.items()
-           if k not in ("ood_scaling_global", "ood_metric_cosine", "ood_local_setting", "ood_bank_scores")}
+           if k not in ("ood_scaling_global", "ood_metric_cosine", "ood_local_setting", "ood_bank_scores",
+                        "ood_scale_setting", "ood_bank_cluster")}
     before = DebiasedClustering(**small, ood_neighbours=[1, 2, 4])
     before.load_state_dict(old)
     assert torch.equal(before.ood_scale, state["ood_scale"])
@@ -451,6 +477,9 @@ def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: 
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment=bad)
     with pytest.raises(ValueError, match="ood_scaling must be"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_scaling="local")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="ood_scale_neighbours must be"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_scale_neighbours=bad)
     for bad in (-0.1, 1.5, True, "half"):
         with pytest.raises(ValueError, match="ood_local_weight must be"):
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_local_weight=bad)
