@@ -838,24 +838,15 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if self.projector is None:  # and one trained with them, loaded without: the head is not needed
             for key in [key for key in state_dict if key.startswith(prefix + "projector.")]:
                 del state_dict[key]
-        # a bank and scales made with the other ood_scaling or ood_metric (checkpoints from before
-        # these options: cluster, euclidean): recomputed
-        for flag in ("ood_scaling_global", "ood_metric_cosine"):
-            saved = state_dict.get(prefix + flag)
-            if (False if saved is None else bool(saved)) != bool(getattr(self, flag)):
+        # a bank, scales and training scores made with other OOD settings than the model's: recomputed.
+        # A setting missing from the checkpoint (made before its option) reads as zero: cluster
+        # scaling, euclidean, no local correction, no neighbours' scales
+        for name in ("ood_scaling_global", "ood_metric_cosine", "ood_local_setting", "ood_scale_setting"):
+            mine = getattr(self, name)
+            saved = state_dict.get(prefix + name, torch.zeros_like(mine))
+            if not torch.equal(saved.float().cpu(), mine.float().cpu()):
                 self._drop_knn_bank(state_dict, prefix)
-            state_dict[prefix + flag] = getattr(self, flag).clone()
-        # another local correction than the checkpoint's (none before the option): likewise
-        saved_local = state_dict.get(prefix + "ood_local_setting")
-        saved_local = torch.zeros(2) if saved_local is None else saved_local
-        if not torch.equal(saved_local.float().cpu(), self.ood_local_setting.float().cpu()):
-            self._drop_knn_bank(state_dict, prefix)
-        state_dict[prefix + "ood_local_setting"] = self.ood_local_setting.clone()
-        # another ood_scaling neighbours count (0, none before the option): likewise
-        saved_scale_setting = state_dict.get(prefix + "ood_scale_setting")
-        if (0.0 if saved_scale_setting is None else float(saved_scale_setting)) != float(self.ood_scale_setting):
-            self._drop_knn_bank(state_dict, prefix)
-        state_dict[prefix + "ood_scale_setting"] = self.ood_scale_setting.clone()
+            state_dict[prefix + name] = mine.clone()
         # other ood_neighbours than the checkpoint's: the bank and scales are recomputed
         saved_scale = state_dict.get(prefix + "ood_scale")
         if saved_scale is not None and saved_scale.shape != self.ood_scale.shape:
