@@ -581,7 +581,7 @@ def test_debias_views_weigh_the_contrast_loss_by_cardinality(tmp_path: Path, mon
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), debias_views=True)
 
 
-def test_overcluster_and_umap_mix_options_refuse_bad_values() -> None:
+def test_overcluster_umap_and_recluster_options_refuse_bad_values() -> None:
     from clusterlight.methods import DebiasedClustering
 
     for bad in (0, 1.5, True):
@@ -597,6 +597,9 @@ def test_overcluster_and_umap_mix_options_refuse_bad_values() -> None:
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), umap_runs=bad)
     with pytest.raises(ValueError, match="needs manifold umap"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), umap_runs=3, manifold="none")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="recluster_every must be"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), recluster_every=bad)
 
 
 def test_umap_runs_start_from_the_consensus_of_each_embeddings_partition(tmp_path: Path, monkeypatch) -> None:
@@ -644,6 +647,64 @@ def test_umap_runs_start_from_the_consensus_of_each_embeddings_partition(tmp_pat
     assert resets[last - 2:last + 1] == ["partition"] * 3
     for got in resets[last + 1:last + 3]:
         torch.testing.assert_close(got, torch.from_numpy(want).float())
+
+
+@pytest.mark.slow  # an option off in every config
+def test_recluster_every_rebuilds_the_clustering_space_from_the_current_representation(tmp_path: Path, monkeypatch) -> None:
+    """With ``recluster_every: 2`` and one epoch of pretraining, clustering starts at epoch 1 and the
+    clustering space, the partition and both SPBs are rebuilt at the start of epoch 3 (not 2), each time from R's features of that moment: the UMAP input is R's encoding of the
+    training split (standardised) with that epoch start's weights, and the SPBs are reset from that
+    partition's responsibilities."""
+    from clusterlight.methods import debiased
+    from clusterlight.nn.stats_pool import StatisticsPooling
+
+    calls, resets, state = [], [], {}
+    real_umap, real_init, real_partition, real_reset = debiased.reduce_umap, debiased.DebiasedClustering.init_clusters, \
+        debiased.DebiasedClustering._partition, StatisticsPooling.reset_from
+
+    def init_spy(self, monitor_only=False):
+        state["model"] = self
+        return real_init(self, monitor_only)
+
+    def umap_spy(x, n, seed, **kw):
+        model = state["model"]
+        data = model.trainer.datamodule.train_dataset
+        images = torch.stack([data[i]["image"] for i in range(len(data))])
+        was = model.training
+        model.eval()
+        with torch.no_grad():  # R's encoding of the training split now, independently of compute_on_split
+            z = model.representation.encode(images).double()
+        model.train(was)
+        want = ((z - z.mean(0)) / z.std(0).clamp_min(1e-6)).numpy()
+        calls.append((model.current_epoch, float(np.abs(x - want).max())))
+        return real_umap(x, n, seed, **kw)
+
+    def partition_spy(self, space, manifold, monitor_only):
+        out = real_partition(self, space, manifold, monitor_only)
+        if manifold:
+            resets.append(("partition", out.clone()))
+        return out
+
+    def reset_spy(self, x, w):
+        resets.append(("reset", w.clone()))
+        return real_reset(self, x, w)
+
+    monkeypatch.setattr(debiased.DebiasedClustering, "init_clusters", init_spy)
+    monkeypatch.setattr(debiased, "reduce_umap", umap_spy)
+    monkeypatch.setattr(debiased.DebiasedClustering, "_partition", partition_spy)
+    monkeypatch.setattr(StatisticsPooling, "reset_from", reset_spy)
+    args = METHOD_ARGS["DebiasedClustering"] + ["--model.recluster_every=2"] \
+        + data_args("digits", max_samples=200) + base_args(tmp_path, epochs=4, logger="none")
+    cli = main(["fit", *args])
+    assert [epoch for epoch, _ in calls] == [1, 3]
+    assert max(err for _, err in calls) < 1e-4  # each embedding is of R's features at that epoch start
+    assert sum(kind == "partition" for kind, _ in resets) == 2
+    for i, (kind, resp) in enumerate(resets):  # the two resets after a partition (spb_r, spb_c) use it
+        if kind == "partition":
+            assert [k for k, _ in resets[i + 1:i + 3]] == ["reset", "reset"]
+            for _, got in resets[i + 1:i + 3]:
+                torch.testing.assert_close(got, resp)
+    assert [cli.model.recluster_due(e) for e in range(8)] == [False, False, False, True, False, True, False, True]
 
 
 def test_reduce_umap_passes_the_set_operation_to_umap() -> None:

@@ -49,6 +49,11 @@ OPTION_ARGS: dict[str, list[str]] = {
     # the flagship's vote over UMAP embeddings (clusterlight.cluster.consensus aligns the partitions)
     "DebiasedClustering-umapruns": METHOD_ARGS["DebiasedClustering"] + ["--model.umap_runs=3"],
 }
+#: The same, run only with ``-m slow`` (the default suite is at its time limit).
+SLOW_OPTION_ARGS: dict[str, list[str]] = {
+    # the flagship rebuilding its clustering space every epoch after clustering starts
+    "DebiasedClustering-recluster": METHOD_ARGS["DebiasedClustering"] + ["--model.recluster_every=1"],
+}
 
 
 def _fit(tmp_path: Path, method: str, permute_seed: int | None):
@@ -56,11 +61,13 @@ def _fit(tmp_path: Path, method: str, permute_seed: int | None):
     args[0] = "--data=tests.test_label_free.PermutedLabelsDataModule"
     if permute_seed is not None:
         args.append(f"--data.permute_seed={permute_seed}")
-    return main(["fit", *{**METHOD_ARGS, **OPTION_ARGS}[method], *args, *base_args(tmp_path, epochs=3, logger="none"),
+    options = {**METHOD_ARGS, **OPTION_ARGS, **SLOW_OPTION_ARGS}[method]
+    return main(["fit", *options, *args, *base_args(tmp_path, epochs=3, logger="none"),
                  "--seed_everything=7"])
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_ARGS) + sorted(OPTION_ARGS))
+@pytest.mark.parametrize("method", sorted(METHOD_ARGS) + sorted(OPTION_ARGS)
+                         + [pytest.param(m, marks=pytest.mark.slow) for m in sorted(SLOW_OPTION_ARGS)])
 def test_labels_do_not_change_training(tmp_path: Path, method: str) -> None:
     true = _fit(tmp_path / "a", method, None)
     shuffled = _fit(tmp_path / "b", method, 123)

@@ -197,7 +197,8 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
 
     **Phases.** ``pretrain_epochs`` of plain reconstruction (validation clusters by the same
     initialisation, recomputed before each validation); then the clustering space and the SPBs
-    are set up once from the whole training split (:meth:`init_clusters`) and both networks train.
+    are set up from the whole training split (:meth:`init_clusters`; once, or again every
+    ``recluster_every`` epochs) and both networks train.
 
     **Ablations.** ``use_variance: false`` (unit variances: Euclidean mixture),
     ``use_cardinality: false`` (uniform prior, DEC's balancing target, unweighted
@@ -250,6 +251,12 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             entropy of the responsibilities (:func:`~clusterlight.cluster.mixture.merge_by_entropy`,
             Baudry et al. 2010): a head class that one Gaussian does not fit takes several
             components that end in one cluster instead of two clusters of its own. ``1``: off.
+        recluster_every: ``n > 0``: every ``n`` epochs after clustering starts (at the start of
+            epochs ``pretrain_epochs + n``, ``+ 2n``, ...), the clustering space, the initial
+            partition and both SPBs are rebuilt from ``R``'s current features as when clustering
+            started (:meth:`init_clusters`: UMAP, the partition, ``C`` distilled to the new
+            embedding): the partition then follows the representation co-training has shaped
+            instead of the one pretraining left. ``0``: once, when clustering starts.
         use_variance: use the pooled variances (``false``: unit variances).
         use_cardinality: use the pooled cardinalities (``false``: uniform prior, DEC target).
         cotrain: keep training ``R`` during clustering (``false``: ``C`` alone on a frozen ``R``).
@@ -341,6 +348,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         gmm_iters: int = 100,
         init_partition: Literal["gmm", "kmeans"] = "gmm",
         overcluster: int = 1,
+        recluster_every: int = 0,
         neighbours: int = 0,
         mutual_neighbours: bool = False,
         augment: float = 0.0,
@@ -451,6 +459,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if overcluster > 1 and init_partition != "gmm":
             raise ClusterlightError(f"overcluster {overcluster} needs init_partition gmm, got {init_partition!r}")
         self.overcluster = overcluster
+        if isinstance(recluster_every, bool) or not isinstance(recluster_every, int) or recluster_every < 0:
+            raise ClusterlightError(f"recluster_every must be an integer >= 0 (0: off), got {recluster_every!r}")
+        self.recluster_every = recluster_every
         if contrast_weight < 0 or not contrast_temperature > 0 or projection_dim < 1:
             raise ClusterlightError("contrast_weight must be >= 0, contrast_temperature > 0 and projection_dim >= 1")
         if isinstance(augment, bool) or not isinstance(augment, (int, float)) or not 0.0 <= augment <= 4.0:
@@ -796,10 +807,20 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                 "nonempty_clusters": (q.argmax(1).bincount(minlength=self.num_clusters) > 0).sum().float()}
 
     def on_train_epoch_start(self) -> None:
-        if not self.pretraining and not bool(self.clustering_started):
+        if self.pretraining:
+            return
+        if not bool(self.clustering_started):
             self.init_clusters()
             self.clustering_started.fill_(True)
             rank_zero_info(f"DebiasedClustering: clustering starts at epoch {self.current_epoch}")
+        elif self.recluster_due(self.current_epoch):
+            self.init_clusters()
+            rank_zero_info(f"DebiasedClustering: clustering space and mixture rebuilt from R at epoch {self.current_epoch}")
+
+    def recluster_due(self, epoch: int) -> bool:
+        """Whether the clustering space and the mixture are rebuilt at the start of ``epoch`` (``recluster_every``)."""
+        since = epoch - self.pretrain_epochs
+        return self.recluster_every > 0 and since > 0 and since % self.recluster_every == 0
 
     def on_train_epoch_end(self) -> None:
         if bool(self.clustering_started) and self.reject_quantile is not None:
