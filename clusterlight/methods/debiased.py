@@ -256,7 +256,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             partition and both SPBs are rebuilt from ``R``'s current features as when clustering
             started (:meth:`init_clusters`: UMAP, the partition, ``C`` distilled to the new
             embedding): the partition then follows the representation co-training has shaped
-            instead of the one pretraining left. ``0``: once, when clustering starts.
+            instead of the one pretraining left. ``0``: once, when clustering starts. A run
+            resumed from a checkpoint saved inside such an epoch rebuilds again at its start, from
+            the checkpoint's weights.
         use_variance: use the pooled variances (``false``: unit variances).
         use_cardinality: use the pooled cardinalities (``false``: uniform prior, DEC target).
         cotrain: keep training ``R`` during clustering (``false``: ``C`` alone on a frozen ``R``).
