@@ -652,9 +652,10 @@ def test_umap_runs_start_from_the_consensus_of_each_embeddings_partition(tmp_pat
 @pytest.mark.slow  # an option off in every config
 def test_recluster_every_rebuilds_the_clustering_space_from_the_current_representation(tmp_path: Path, monkeypatch) -> None:
     """With ``recluster_every: 2`` and one epoch of pretraining, clustering starts at epoch 1 and the
-    clustering space, the partition and both SPBs are rebuilt at the start of epoch 3 (not 2), each time from R's features of that moment: the UMAP input is R's encoding of the
-    training split (standardised) with that epoch start's weights, and the SPBs are reset from that
-    partition's responsibilities."""
+    clustering space, the partition and both SPBs are rebuilt at the start of epoch 3 (not 2), from
+    R's features of that moment: the UMAP input is R's encoding of the training split
+    (standardised) with that epoch start's weights, and the SPBs are reset from that partition's
+    responsibilities."""
     from clusterlight.methods import debiased
     from clusterlight.nn.stats_pool import StatisticsPooling
 
