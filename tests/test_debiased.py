@@ -441,6 +441,47 @@ def test_gmm_partition_keeps_a_small_tight_cluster_next_to_long_ones() -> None:
     DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), init_partition="kmeans", gmm_iters=0)  # k-means only
 
 
+def test_overcluster_graph_merges_the_mixture_components_along_the_spaces_knn_graph(monkeypatch) -> None:
+    """``overcluster: 2`` with ``overcluster_merge: graph``: the ``2K`` components of the mixture go to
+    :func:`merge_by_graph` (itself checked against a naive loop) with the ``umap_neighbors`` nearest
+    neighbours of each point of the clustering space (scikit-learn's as the reference), and its
+    merged responsibilities are the partition; on three generating classes, one of them two
+    touching blobs, the partition is those classes."""
+    from sklearn.metrics import adjusted_rand_score
+    from sklearn.neighbors import NearestNeighbors
+
+    from clusterlight.methods import DebiasedClustering, debiased
+
+    calls = []
+    real = debiased.merge_by_graph
+
+    def spy(resp, k, neighbours):
+        calls.append((resp.shape, k, neighbours.clone()))
+        out = real(resp, k, neighbours)
+        calls.append(out[0].clone())
+        return out
+
+    monkeypatch.setattr(debiased, "merge_by_graph", spy)
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(size=(400, 2)) + [-1.3, 0.0], rng.normal(size=(400, 2)) + [1.3, 0.0],
+                        rng.normal(size=(400, 2)) + [0.0, 9.0], rng.normal(size=(30, 2)) * 0.3 + [3.0, 9.0]])
+    truth = np.repeat([0, 0, 1, 2], [400, 400, 400, 30])
+    model = DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), latent_dim=4, widths=[8, 8], overcluster=2,
+                               overcluster_merge="graph", umap_neighbors=10)
+    resp = model._full_gmm_partition(torch.as_tensor(x, dtype=torch.float32))
+    assert len(calls) == 2
+    shape, k, neighbours = calls[0]
+    assert shape == (1230, 6) and k == 3
+    want = NearestNeighbors(n_neighbors=11).fit(x).kneighbors(x, return_distance=False)[:, 1:]
+    assert (np.sort(neighbours.numpy(), 1) == np.sort(want, 1)).mean() > 0.999  # ties aside
+    torch.testing.assert_close(resp, calls[1])
+    assert adjusted_rand_score(truth, resp.argmax(1).numpy()) > 0.95
+    with pytest.raises(ValueError, match="overcluster_merge must be"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), overcluster=2, overcluster_merge="ward")
+    with pytest.raises(ValueError, match="needs overcluster > 1"):  # not silently ignored
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), overcluster_merge="graph")
+
+
 def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: Path, monkeypatch) -> None:
     """``augment`` alone pairs each image with its own random affine copy: every training step
     warps the batch's own images (a spy on ``random_affine``), the projection head exists, the
@@ -619,8 +660,8 @@ def test_umap_runs_start_from_the_consensus_of_each_embeddings_partition(tmp_pat
         seeds.append(seed)
         return real_umap(x, n, seed, **kw)
 
-    def partition_spy(self, space, manifold, monitor_only):
-        out = real_partition(self, space, manifold, monitor_only)
+    def partition_spy(self, space, manifold, monitor_only, *warm):
+        out = real_partition(self, space, manifold, monitor_only, *warm)
         if manifold:
             parts.append((space.clone(), out.clone()))
             resets.append("partition")
@@ -680,8 +721,8 @@ def test_recluster_every_rebuilds_the_clustering_space_from_the_current_represen
         calls.append((model.current_epoch, float(np.abs(x - want).max())))
         return real_umap(x, n, seed, **kw)
 
-    def partition_spy(self, space, manifold, monitor_only):
-        out = real_partition(self, space, manifold, monitor_only)
+    def partition_spy(self, space, manifold, monitor_only, *warm):
+        out = real_partition(self, space, manifold, monitor_only, *warm)
         if manifold:
             resets.append(("partition", out.clone()))
         return out
@@ -706,6 +747,81 @@ def test_recluster_every_rebuilds_the_clustering_space_from_the_current_represen
             for _, got in resets[i + 1:i + 3]:
                 torch.testing.assert_close(got, resp)
     assert [cli.model.recluster_due(e) for e in range(8)] == [False, False, False, True, False, True, False, True]
+
+
+@pytest.mark.slow  # an option off in every config
+def test_recluster_warm_starts_each_rebuild_from_the_current_clustering(tmp_path: Path, monkeypatch) -> None:
+    """With ``recluster_warm`` the rebuild at epoch 3 starts UMAP from C's current embedding of the
+    training split (standardised) and adds C's current posterior as a start of the mixture; both
+    are recomputed here by hand (the balanced standardisation from spb_r's statistics, the diagonal
+    mixture from spb_c's, scipy's normal density). The first partition (epoch 1) has neither."""
+    from scipy.special import logsumexp
+    from scipy.stats import norm
+
+    from clusterlight.methods import DebiasedClustering, debiased
+
+    umap_inits, gmm_inits, expected = [], [], []
+    real_init, real_umap, real_gmm = debiased.DebiasedClustering.init_clusters, debiased.reduce_umap, debiased.full_gmm
+
+    def init_spy(self, monitor_only=False):
+        if not monitor_only and bool(self.clustering_started):
+            data = self.trainer.datamodule.train_dataset
+            images = torch.stack([data[i]["image"] for i in range(len(data))])
+            was = self.training
+            self.eval()
+            with torch.no_grad():
+                z = self.representation.encode(images).double()
+                mean, var, count = (t.double() for t in self.spb_r.stats())
+                keep = count > 1e-6
+                mu = mean[keep].mean(0)
+                v = var[keep].mean(0) + ((mean[keep] - mu) ** 2).mean(0)
+                zc = self.clustering(((z - mu) / v.sqrt()).float()).double().numpy()
+            self.train(was)
+            m, s2, n = (t.double().numpy() for t in self.spb_c.stats())
+            log_p = np.stack([norm.logpdf(zc, m[k], np.sqrt(s2[k])).sum(1) for k in range(len(m))], 1) + np.log(n / n.sum())
+            expected.append(((zc - zc.mean(0)) / zc.std(0, ddof=1), np.exp(log_p - logsumexp(log_p, 1, keepdims=True))))
+        return real_init(self, monitor_only)
+
+    def umap_spy(x, n, seed, **kw):
+        umap_inits.append(kw.get("init"))
+        return real_umap(x, n, seed, **kw)
+
+    def gmm_spy(x, k, *args, **kw):
+        gmm_inits.append(kw.get("init_resp"))
+        return real_gmm(x, k, *args, **kw)
+
+    monkeypatch.setattr(debiased.DebiasedClustering, "init_clusters", init_spy)
+    monkeypatch.setattr(debiased, "reduce_umap", umap_spy)
+    monkeypatch.setattr(debiased, "full_gmm", gmm_spy)
+    args = METHOD_ARGS["DebiasedClustering"] + ["--model.recluster_every=2", "--model.recluster_warm=true"] \
+        + data_args("digits", max_samples=200) + base_args(tmp_path, epochs=4, logger="none")
+    main(["fit", *args])
+    assert len(umap_inits) == len(gmm_inits) == 2 and len(expected) == 1
+    assert umap_inits[0] is None and gmm_inits[0] is None
+    want_layout, want_resp = expected[0]
+    np.testing.assert_allclose(umap_inits[1], want_layout, atol=2e-3)
+    np.testing.assert_allclose(gmm_inits[1].double().numpy(), want_resp, atol=2e-3)
+    for bad in ({"recluster_warm": True}, {"recluster_warm": True, "recluster_every": 2, "init_partition": "kmeans"},
+                {"recluster_warm": True, "recluster_every": 2, "overcluster": 2}, {"recluster_warm": 1, "recluster_every": 2}):
+        with pytest.raises(ValueError, match="recluster_warm"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), **bad)
+
+
+def test_reduce_umap_starts_from_a_given_layout() -> None:
+    import umap
+
+    from clusterlight.cluster.umap_hdbscan import reduce_umap
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(150, 6)).astype(np.float32)
+    start = rng.normal(size=(150, 2))
+    ours = reduce_umap(x, 10, seed=3, n_components=2, init=start)
+    ref = umap.UMAP(n_neighbors=10, min_dist=0.0, n_components=2, random_state=3, n_jobs=1, transform_seed=3,
+                    init=start).fit_transform(x)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    assert np.abs(ours - reduce_umap(x, 10, seed=3, n_components=2)).max() > 1e-3  # not the spectral start
+    with pytest.raises(ValueError, match="init must be"):
+        reduce_umap(x, 10, seed=3, n_components=2, init=start[:, :1])
 
 
 def test_reduce_umap_passes_the_set_operation_to_umap() -> None:

@@ -158,3 +158,116 @@ def test_consensus_responsibilities_ignore_member_label_names() -> None:
     np.testing.assert_allclose(a, b, atol=1e-12)
     with pytest.raises(ValueError, match="members, points, clusters"):
         consensus_responsibilities(np.ones((3, 4)))
+
+
+def _long_long_small(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.normal(size=(600, 2)) * [8.0, 0.3], rng.normal(size=(600, 2)) * [8.0, 0.3] + [0.0, 6.0],
+                        rng.normal(size=(60, 2)) * 0.2 + [0.0, 12.0]])
+    return x, np.repeat([0, 1, 2], [600, 600, 60])
+
+
+def test_full_gmm_init_resp_is_one_more_start_in_the_likelihood_contest() -> None:
+    """``init_resp`` (``recluster_warm``) adds the mixture those responsibilities define as a start:
+    the start's weights, means and covariances come from numpy's weighted moments (the reference
+    fit), the best lower bound of the three wins, and the generating partition as the start
+    outscores the k-means and k-means++ starts after one EM step, which cut a long cluster."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from clusterlight.cluster.mixture import full_gmm
+
+    x, truth = _long_long_small()
+    reg = 1e-5
+
+    def reference(r: np.ndarray) -> GaussianMixture:  # the start r defines, by numpy's weighted moments
+        means = np.stack([np.average(x, axis=0, weights=r[:, c]) for c in range(3)])
+        covs = np.stack([np.cov(x.T, aweights=r[:, c], bias=True) + reg * np.eye(2) for c in range(3)])
+        return GaussianMixture(3, covariance_type="full", weights_init=r.mean(0), means_init=means,
+                               precisions_init=np.linalg.inv(covs), random_state=0, reg_covar=reg, max_iter=1).fit(x)
+
+    others = {init: GaussianMixture(3, covariance_type="full", n_init=1, init_params=init, random_state=0, reg_covar=reg,
+                                    max_iter=1).fit(x) for init in ("kmeans", "k-means++")}
+    data = torch.as_tensor(x, dtype=torch.float32)
+    onehot = np.eye(3)[truth]
+    noise = np.random.default_rng(0).dirichlet(np.ones(3), size=len(x))
+    for start, must_win in ((onehot, True), (noise, None)):
+        fits = dict(others, init_resp=reference(start))
+        want = max(fits, key=lambda name: fits[name].lower_bound_)
+        resp, won = full_gmm(data, 3, n_init=1, seed=0, max_iter=1, init_resp=torch.as_tensor(start), return_start=True)
+        assert won == want
+        np.testing.assert_allclose(resp.numpy(), fits[want].predict_proba(x), atol=1e-5)
+        if must_win:  # the generating partition beats the starts that cut a long cluster
+            assert won == "init_resp"
+            assert adjusted_rand_score(truth, resp.numpy().argmax(1)) == pytest.approx(1.0)
+    # without the start, the best of the others is kept, as before the option
+    plain = full_gmm(data, 3, n_init=1, seed=0, max_iter=1)
+    best = max(others.values(), key=lambda g: g.lower_bound_)
+    np.testing.assert_allclose(plain.numpy(), best.predict_proba(x), atol=1e-5)
+    assert adjusted_rand_score(truth, plain.numpy().argmax(1)) < 0.9
+    with pytest.raises(ValueError, match="init_resp must have shape"):
+        full_gmm(data, 3, n_init=1, seed=0, init_resp=torch.ones(len(x), 2))
+
+
+def _naive_graph_merge(resp: np.ndarray, k: int, nb: np.ndarray, min_size: float) -> list[list[int]]:
+    """Reference for ``merge_by_graph``: edge by edge, groups as sets of components."""
+    groups = [[c] for c in range(resp.shape[1])]
+    while len(groups) > k:
+        t = np.stack([resp[:, g].sum(1) for g in groups], 1)
+        m = len(groups)
+        w = np.zeros((m, m))
+        for i in range(len(resp)):
+            for j in nb[i]:
+                for a in range(m):
+                    for b in range(m):
+                        if a != b:
+                            w[a, b] += t[i, a] * t[j, b] + t[i, b] * t[j, a]
+        size = t.sum(0)
+        if size.min() < min_size:
+            a = int(np.argmin(size))
+            links = w[a].copy()
+            links[a] = -np.inf
+            i, j = sorted((a, int(np.argmax(links))))
+        else:
+            score = np.array([[w[a, b] / max(size[a], size[b]) if a != b else -np.inf for b in range(m)] for a in range(m)])
+            i, j = sorted(divmod(int(np.argmax(score)), m))
+        groups[i] = sorted(groups[i] + groups[j])
+        del groups[j]
+    return groups
+
+
+def test_merge_by_graph_matches_a_naive_edge_loop_and_keeps_a_small_island() -> None:
+    """On random soft responsibilities and a random graph the merges equal an edge-by-edge loop.
+    On a designed case -- a small island beside a big class, and a second big class drawn as two
+    touching halves -- the halves merge and the island keeps its own cluster (the generating
+    labels are the reference). Entropy merging cannot tell these hard components apart: every
+    pair's gain is zero."""
+    from sklearn.metrics import adjusted_rand_score
+    from sklearn.neighbors import NearestNeighbors
+
+    from clusterlight.cluster.mixture import merge_by_entropy, merge_by_graph
+
+    rng = np.random.default_rng(0)
+    resp = rng.dirichlet(np.ones(6) * 0.3, size=40)
+    before = resp.copy()
+    merge_by_entropy(torch.as_tensor(resp), 2)  # float64 CPU input: the merge must not write into it
+    np.testing.assert_array_equal(resp, before)
+    nb = np.stack([rng.choice(np.delete(np.arange(40), i), 4, replace=False) for i in range(40)])
+    for k, min_size in ((3, 0.0), (2, 4.0), (5, 8.0)):
+        merged, groups = merge_by_graph(torch.as_tensor(resp), k, torch.as_tensor(nb), min_size=min_size)
+        want = _naive_graph_merge(resp, k, nb, min_size)
+        assert sorted(groups) == sorted(want)
+        np.testing.assert_allclose(merged.numpy(), np.stack([resp[:, g].sum(1) for g in groups], 1), atol=1e-12)
+
+    island = rng.normal(size=(25, 2)) * 0.3 + [2.6, 8.0]
+    other = rng.normal(size=(300, 2)) + [0.0, 8.0]
+    half_a = rng.normal(size=(300, 2)) + [-1.2, 0.0]
+    half_b = rng.normal(size=(300, 2)) + [1.2, 0.0]
+    x = np.concatenate([island, other, half_a, half_b])  # the halves last: merging the first pair is wrong
+    components = np.repeat([0, 1, 2, 3], [25, 300, 300, 300])
+    truth = np.repeat([0, 1, 2, 2], [25, 300, 300, 300])
+    nb = NearestNeighbors(n_neighbors=11).fit(x).kneighbors(x, return_distance=False)[:, 1:]
+    merged, groups = merge_by_graph(torch.as_tensor(np.eye(4)[components]), 3, torch.as_tensor(nb))
+    assert sorted(groups) == [[0], [1], [2, 3]]
+    assert adjusted_rand_score(truth, merged.argmax(1).numpy()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="neighbours must have shape"):
+        merge_by_graph(torch.as_tensor(np.eye(4)[components]), 3, torch.as_tensor(nb[:5]))

@@ -6,7 +6,8 @@
   likelihood of k-means and k-means++ starts (``init_partition: gmm``).
 - :func:`merge_by_entropy` -- merges a mixture's components into fewer clusters, each step the pair
   whose union most lowers the entropy of the responsibilities (Baudry et al. 2010), for a mixture
-  fitted with more components than clusters (``overcluster``).
+  fitted with more components than clusters (``overcluster``); :func:`merge_by_graph` merges them
+  along a k-NN graph instead, the pair with the largest share of the bigger group's edges first.
 
 Unlike k-means, a mixture with per-cluster means, covariances and weights (cardinalities) lets a
 small, tight cluster keep its points next to a big, spread one.
@@ -55,32 +56,55 @@ def diag_gmm_em(x: Tensor, resp: Tensor, iters: int = 100, reg: float = 1e-6,
     return resp, weights, means, variances
 
 
-def full_gmm(x: Tensor, k: int, n_init: int, seed: int, max_iter: int = 100, reg_covar: float = 1e-5) -> Tensor:
+def full_gmm(x: Tensor, k: int, n_init: int, seed: int, max_iter: int = 100, reg_covar: float = 1e-5,
+             init_resp: Tensor | None = None, return_start: bool = False) -> Tensor | tuple[Tensor, str]:
     """Responsibilities ``(N, k)`` (float32, on ``x``'s device) of a full-covariance Gaussian mixture.
 
     EM (scikit-learn, float64, at most ``max_iter`` iterations per start) from ``n_init`` k-means
     partitions and from as many k-means++ seedings, seeded by ``seed``; the fit with the best
     likelihood is kept (a label-free choice). Starts from k-means alone inherit its cuts: on two
     long clusters beside a small one, every one of them splits a long cluster.
+
+    ``init_resp`` ``(N, k)``: one more start, the mixture (weights, means, covariances) these
+    responsibilities define on ``x``, in the same likelihood contest. ``return_start``: also return
+    which start won (``"kmeans"``, ``"k-means++"`` or ``"init_resp"``).
     """
     import warnings
 
+    import numpy as np
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
 
     from clusterlight.cluster.umap_hdbscan import preserve_torch_threads
 
     data = x.detach().cpu().double().numpy()
-    best = None
+    fits = []
     with warnings.catch_warnings(), preserve_torch_threads():
         warnings.filterwarnings("ignore", category=ConvergenceWarning)
         for init in ("kmeans", "k-means++"):
-            gmm = GaussianMixture(k, covariance_type="full", n_init=n_init, init_params=init, random_state=seed,
-                                  reg_covar=reg_covar, max_iter=max_iter).fit(data)
-            if best is None or gmm.lower_bound_ > best.lower_bound_:
-                best = gmm
+            fits.append((init, GaussianMixture(k, covariance_type="full", n_init=n_init, init_params=init, random_state=seed,
+                                               reg_covar=reg_covar, max_iter=max_iter).fit(data)))
+        if init_resp is not None:
+            r = init_resp.detach().cpu().double().numpy()
+            if r.shape != (data.shape[0], k):
+                raise ValueError(f"init_resp must have shape ({data.shape[0]}, {k}), got {r.shape}")
+            n = r.sum(0) + 10 * np.finfo(np.float64).eps
+            means = r.T @ data / n[:, None]
+            precisions = np.empty((k, data.shape[1], data.shape[1]))
+            for c in range(k):
+                diff = data - means[c]
+                cov = (r[:, c, None] * diff).T @ diff / n[c] + reg_covar * np.eye(data.shape[1])
+                precisions[c] = np.linalg.inv(cov)
+            fits.append(("init_resp", GaussianMixture(k, covariance_type="full", weights_init=n / n.sum(), means_init=means,
+                                                      precisions_init=precisions, random_state=seed, reg_covar=reg_covar,
+                                                      max_iter=max_iter).fit(data)))
+        start, best = fits[0]
+        for name, gmm in fits[1:]:
+            if gmm.lower_bound_ > best.lower_bound_:
+                start, best = name, gmm
         resp = best.predict_proba(data)
-    return torch.from_numpy(resp).float().to(x.device)
+    out = torch.from_numpy(resp).float().to(x.device)
+    return (out, start) if return_start else out
 
 
 def merge_by_entropy(resp: Tensor, k: int) -> tuple[Tensor, list[list[int]]]:
@@ -99,7 +123,7 @@ def merge_by_entropy(resp: Tensor, k: int) -> tuple[Tensor, list[list[int]]]:
     """
     if not 1 <= k <= resp.shape[1]:
         raise ValueError(f"k must be in [1, {resp.shape[1]}] (the number of components), got {k}")
-    t = resp.detach().double().cpu()
+    t = resp.detach().double().cpu().clone()  # merged in place below: never the caller's tensor
     groups = [[j] for j in range(t.shape[1])]
 
     def plogp(v: Tensor) -> Tensor:
@@ -115,6 +139,58 @@ def merge_by_entropy(resp: Tensor, k: int) -> tuple[Tensor, list[list[int]]]:
         i, j = divmod(int(gain.argmax()), m)
         t[:, i] += t[:, j]
         t = torch.cat([t[:, :j], t[:, j + 1:]], 1)
+        groups[i] = sorted(groups[i] + groups[j])
+        del groups[j]
+    return t.to(device=resp.device, dtype=resp.dtype), groups
+
+
+def merge_by_graph(resp: Tensor, k: int, neighbours: Tensor, min_size: float | None = None) -> tuple[Tensor, list[list[int]]]:
+    """Merge the components of responsibilities ``resp (N, M)`` into ``k`` clusters along a k-NN graph.
+
+    ``neighbours (N, n)`` lists each sample's nearest samples (itself excluded). The link between
+    groups ``a`` and ``b`` is the responsibility-weighted number of graph edges between them,
+    ``W_ab = sum_i sum_{j in nb(i)} (t_ia t_jb + t_ib t_ja)``, and their size ``n_a = sum_i t_ia``.
+    While more than ``k`` groups remain, a group smaller than ``min_size`` (default ``n``: smaller
+    than a neighbourhood) joins the group it has the most edges to; otherwise the two groups with
+    the largest ``W_ab / max(n_a, n_b)`` merge: the share of the larger group's edges that cross to
+    the other. Two halves of one class share a long border and merge first; a small island next
+    to a big class sends a fair share of its few edges there, but that is a small share of the big
+    class's edges, so it keeps its own cluster, where entropy merging (:func:`merge_by_entropy`)
+    or a size-blind link would let the big class absorb it.
+
+    Returns ``(resp (N, k), groups)`` as :func:`merge_by_entropy`.
+    """
+    if not 1 <= k <= resp.shape[1]:
+        raise ValueError(f"k must be in [1, {resp.shape[1]}] (the number of components), got {k}")
+    if neighbours.ndim != 2 or neighbours.shape[0] != resp.shape[0]:
+        raise ValueError(f"neighbours must have shape ({resp.shape[0]}, n), got {tuple(neighbours.shape)}")
+    t = resp.detach().double().cpu().clone()  # merged in place below: never the caller's tensor
+    nb = neighbours.detach().long().cpu()
+    min_size = float(nb.shape[1] if min_size is None else min_size)
+    pull = t[nb].sum(1)  # (N, M): each sample's neighbours' responsibilities
+    w = t.T @ pull
+    w = w + w.T
+    w.fill_diagonal_(0.0)
+    size = t.sum(0)
+    groups = [[j] for j in range(t.shape[1])]
+    while t.shape[1] > k:
+        if float(size.min()) < min_size:
+            a = int(size.argmin())
+            links = w[a].clone()
+            links[a] = -math.inf
+            i, j = sorted((a, int(links.argmax())))
+        else:
+            score = w / torch.maximum(size[:, None], size[None, :])
+            score.fill_diagonal_(-math.inf)
+            i, j = divmod(int(score.argmax()), t.shape[1])
+            i, j = min(i, j), max(i, j)
+        t[:, i] += t[:, j]
+        w[i] += w[j]
+        w[:, i] += w[:, j]
+        w[i, i] = 0.0
+        size[i] += size[j]
+        keep = [c for c in range(t.shape[1]) if c != j]
+        t, w, size = t[:, keep], w[keep][:, keep], size[keep]
         groups[i] = sorted(groups[i] + groups[j])
         del groups[j]
     return t.to(device=resp.device, dtype=resp.dtype), groups

@@ -51,7 +51,7 @@ def preserve_torch_threads():
 
 
 def reduce_umap(x: np.ndarray, n_neighbors: int, seed: int, min_dist: float = 0.0,
-                n_components: int = 2, set_op_mix_ratio: float = 1.0) -> np.ndarray:
+                n_components: int = 2, set_op_mix_ratio: float = 1.0, init: np.ndarray | None = None) -> np.ndarray:
     """UMAP embedding ``[N, n_components]`` (float32) of ``x`` ``[N, D]``, deterministic in ``seed``.
 
     ``set_op_mix_ratio`` is UMAP's: how the directed k-NN memberships are made symmetric, from the
@@ -67,9 +67,14 @@ def reduce_umap(x: np.ndarray, n_neighbors: int, seed: int, min_dist: float = 0.
     if n < 4:
         raise ValueError(f"UMAP needs at least 4 points, got {n}")
     n_neighbors = int(min(max(2, n_neighbors), n - 1))
+    start = "spectral"
+    if init is not None:
+        start = np.ascontiguousarray(np.asarray(init, dtype=np.float64))
+        if start.shape != (n, n_components) or not np.isfinite(start).all():
+            raise ValueError(f"init must be a finite array of shape ({n}, {n_components}), got {start.shape}")
     reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, n_components=n_components,
                         random_state=int(seed), n_jobs=1, transform_seed=int(seed),
-                        set_op_mix_ratio=float(set_op_mix_ratio))
+                        set_op_mix_ratio=float(set_op_mix_ratio), init=start)
     with warnings.catch_warnings(), preserve_torch_threads():
         warnings.simplefilter("ignore")  # disconnected-graph and spectral-init notices
         out = np.asarray(reducer.fit_transform(x), dtype=np.float32)

@@ -23,7 +23,7 @@ from torch import Tensor
 from clusterlight.cluster.agglomerative import knn_graph
 from clusterlight.cluster.consensus import consensus_responsibilities
 from clusterlight.cluster.kmeans import kmeans
-from clusterlight.cluster.mixture import diag_gmm_em, full_gmm, merge_by_entropy, one_hot
+from clusterlight.cluster.mixture import diag_gmm_em, full_gmm, merge_by_entropy, merge_by_graph, one_hot
 from clusterlight.cluster.umap_hdbscan import preserve_torch_threads, reduce_umap
 from clusterlight.errors import ClusterlightError
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
@@ -251,6 +251,11 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             entropy of the responsibilities (:func:`~clusterlight.cluster.mixture.merge_by_entropy`,
             Baudry et al. 2010): a head class that one Gaussian does not fit takes several
             components that end in one cluster instead of two clusters of its own. ``1``: off.
+        overcluster_merge: how ``overcluster``'s components are merged: ``entropy`` (above) or
+            ``graph`` (:func:`~clusterlight.cluster.mixture.merge_by_graph`: along the
+            ``umap_neighbors``-nearest-neighbour graph of the clustering space, first the two
+            groups with the largest share of the bigger one's edges between them, so that a small
+            island beside a big class keeps its own cluster).
         recluster_every: ``n > 0``: every ``n`` epochs after clustering starts (at the start of
             epochs ``pretrain_epochs + n``, ``+ 2n``, ...), the clustering space, the initial
             partition and both SPBs are rebuilt from ``R``'s current features as when clustering
@@ -259,6 +264,11 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             instead of the one pretraining left. ``0``: once, when clustering starts. A run
             resumed from a checkpoint saved inside such an epoch rebuilds again at its start, from
             the checkpoint's weights.
+        recluster_warm: with ``recluster_every``, each rebuild continues from the current clustering
+            instead of starting over: UMAP's layout starts from ``C``'s current embedding of the
+            training split (not a spectral one), and the mixture of ``C``'s current posterior,
+            carried to the new embedding, is one more start of the full-covariance mixture (the
+            best likelihood still wins).
         use_variance: use the pooled variances (``false``: unit variances).
         use_cardinality: use the pooled cardinalities (``false``: uniform prior, DEC target).
         cotrain: keep training ``R`` during clustering (``false``: ``C`` alone on a frozen ``R``).
@@ -350,7 +360,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         gmm_iters: int = 100,
         init_partition: Literal["gmm", "kmeans"] = "gmm",
         overcluster: int = 1,
+        overcluster_merge: Literal["entropy", "graph"] = "entropy",
         recluster_every: int = 0,
+        recluster_warm: bool = False,
         neighbours: int = 0,
         mutual_neighbours: bool = False,
         augment: float = 0.0,
@@ -461,9 +473,20 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if overcluster > 1 and init_partition != "gmm":
             raise ClusterlightError(f"overcluster {overcluster} needs init_partition gmm, got {init_partition!r}")
         self.overcluster = overcluster
+        if overcluster_merge not in ("entropy", "graph"):
+            raise ClusterlightError(f"overcluster_merge must be entropy or graph, got {overcluster_merge!r}")
+        if overcluster_merge != "entropy" and overcluster == 1:
+            raise ClusterlightError(f"overcluster_merge {overcluster_merge} needs overcluster > 1 (components to merge)")
+        self.overcluster_merge = overcluster_merge
         if isinstance(recluster_every, bool) or not isinstance(recluster_every, int) or recluster_every < 0:
             raise ClusterlightError(f"recluster_every must be an integer >= 0 (0: off), got {recluster_every!r}")
         self.recluster_every = recluster_every
+        if not isinstance(recluster_warm, bool):
+            raise ClusterlightError(f"recluster_warm must be true or false, got {recluster_warm!r}")
+        if recluster_warm and (recluster_every == 0 or manifold != "umap" or init_partition != "gmm" or overcluster > 1):
+            raise ClusterlightError("recluster_warm needs recluster_every > 0, manifold umap, init_partition gmm "
+                                    "and overcluster 1 (its start has one component per cluster)")
+        self.recluster_warm = recluster_warm
         if contrast_weight < 0 or not contrast_temperature > 0 or projection_dim < 1:
             raise ClusterlightError("contrast_weight must be >= 0, contrast_temperature > 0 and projection_dim >= 1")
         if isinstance(augment, bool) or not isinstance(augment, (int, float)) or not 0.0 <= augment <= 4.0:
@@ -903,6 +926,12 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         z_r = self.compute_on_split(lambda x: self.representation.encode(x))
         space = z_r
         manifold = self.manifold == "umap" and not monitor_only
+        warm_layout = warm_resp = None
+        if manifold and self.recluster_warm and bool(self.clustering_started):  # a rebuild (recluster_every)
+            with torch.no_grad():
+                z_c = torch.cat([self._cluster_space(chunk) for chunk in z_r.split(4096)]).float()
+                warm_resp = self._posterior(z_c)[0].exp()
+            warm_layout = _standardise(z_c).cpu().numpy()
         if manifold:
             target = None
             if self.trainer.is_global_zero:
@@ -916,7 +945,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                         with preserve_torch_threads():
                             u = reduce_umap(features, self.umap_neighbors, seed=self.kmeans_seed + run,
                                             set_op_mix_ratio=self.umap_set_op_mix_ratio,
-                                            n_components=self.manifold_target.shape[1])
+                                            n_components=self.manifold_target.shape[1], init=warm_layout)
                         embeddings.append(_standardise(torch.from_numpy(u).float().to(self.device)))
                     target = embeddings[0]
                 except ValueError as err:  # broadcast a NaN target so that every rank raises below
@@ -934,14 +963,14 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if self.trainer.is_global_zero:
             if manifold and self.umap_runs > 1:
                 start = time.perf_counter()
-                parts = torch.stack([self._partition(e, manifold, monitor_only) for e in embeddings])
+                parts = torch.stack([self._partition(e, manifold, monitor_only, warm_resp) for e in embeddings])
                 combined, agreement = consensus_responsibilities(parts)
                 resp = torch.from_numpy(combined).float().to(space.device)
                 rank_zero_info(f"DebiasedClustering: {self.umap_runs} UMAP embeddings partitioned and combined by vote "
                                f"(a point's partitions agree with the vote on {float(agreement.mean()):.0%} of them "
                                f"on average; {time.perf_counter() - start:.1f} s)")
             else:
-                resp = self._partition(space, manifold, monitor_only)
+                resp = self._partition(space, manifold, monitor_only, warm_resp)
         resp = self.broadcast_tensor(resp)
         self.spb_r.reset_from(z_r, resp)
         if manifold:
@@ -951,19 +980,23 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if not monitor_only:
             self._fit_ood_statistics(z_r)  # R is unchanged since z_r was computed
 
-    def _partition(self, space: Tensor, manifold: bool, monitor_only: bool) -> Tensor:
-        """Responsibilities ``(N, K)`` of the initial partition of ``space`` (``init_partition``)."""
+    def _partition(self, space: Tensor, manifold: bool, monitor_only: bool, warm_resp: Tensor | None = None) -> Tensor:
+        """Responsibilities ``(N, K)`` of the initial partition of ``space`` (``init_partition``).
+
+        ``warm_resp``: the current clustering's responsibilities, one more start of the mixture
+        (``recluster_warm``).
+        """
         if self.init_partition == "gmm" and not monitor_only:
             if not manifold:  # R's features, unscaled: the mixture's reg_covar assumes unit scale
                 space = _standardise(space)
-            return self._full_gmm_partition(space)
+            return self._full_gmm_partition(space, warm_resp)
         labels = kmeans(space, self.num_clusters, n_init=self.kmeans_n_init, seed=self.kmeans_seed).labels
         resp = one_hot(labels, self.num_clusters).to(space.device)
         if self.gmm_iters > 0 and not monitor_only:
             resp = diag_gmm_em(space, resp, iters=self.gmm_iters)[0]
         return resp
 
-    def _full_gmm_partition(self, space: Tensor) -> Tensor:
+    def _full_gmm_partition(self, space: Tensor, warm_resp: Tensor | None = None) -> Tensor:
         """Responsibilities ``(N, K)`` of the full-covariance mixture on ``space`` (:func:`full_gmm`).
 
         With ``overcluster`` ``m > 1`` the mixture has ``m * K`` components, merged into ``K``
@@ -971,13 +1004,19 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         """
         start = time.perf_counter()
         components = self.overcluster * self.num_clusters
-        resp = full_gmm(space, components, self.kmeans_n_init, self.kmeans_seed, max_iter=self.gmm_iters)
-        merged = ""
+        warm = warm_resp is not None  # recluster_warm: overcluster is 1, one component per cluster
+        resp, won = full_gmm(space, components, self.kmeans_n_init, self.kmeans_seed, max_iter=self.gmm_iters,
+                             init_resp=warm_resp if warm else None, return_start=True)
+        merged = f", the current clustering among them, won by {won}" if warm else ""
         if components > self.num_clusters:
-            resp, groups = merge_by_entropy(resp, self.num_clusters)
-            merged = f", {components} components merged by entropy into {[len(g) for g in groups]}"
+            if self.overcluster_merge == "graph":
+                neighbours, _ = knn_graph(space.float(), min(self.umap_neighbors, space.shape[0] - 1))
+                resp, groups = merge_by_graph(resp, self.num_clusters, neighbours)
+            else:
+                resp, groups = merge_by_entropy(resp, self.num_clusters)
+            merged += f", {components} components merged by {self.overcluster_merge} into {[len(g) for g in groups]}"
         rank_zero_info(f"DebiasedClustering: initial partition, a full-covariance mixture on {space.shape[0]} x "
-                       f"{space.shape[1]} ({2 * self.kmeans_n_init} starts{merged}, {time.perf_counter() - start:.1f} s)")
+                       f"{space.shape[1]} ({2 * self.kmeans_n_init + int(warm)} starts{merged}, {time.perf_counter() - start:.1f} s)")
         return resp
 
     @torch.enable_grad()
