@@ -441,6 +441,7 @@ def test_gmm_partition_keeps_a_small_tight_cluster_next_to_long_ones() -> None:
     DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), init_partition="kmeans", gmm_iters=0)  # k-means only
 
 
+@pytest.mark.slow  # an option off in every config
 def test_overcluster_graph_merges_the_mixture_components_along_the_spaces_knn_graph(monkeypatch) -> None:
     """``overcluster: 2`` with ``overcluster_merge: graph``: the ``2K`` components of the mixture go to
     :func:`merge_by_graph` (itself checked against a naive loop) with the ``umap_neighbors`` nearest
@@ -807,6 +808,7 @@ def test_recluster_warm_starts_each_rebuild_from_the_current_clustering(tmp_path
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), **bad)
 
 
+@pytest.mark.slow  # an option off in every config
 def test_reduce_umap_starts_from_a_given_layout() -> None:
     import umap
 
