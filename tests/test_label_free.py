@@ -53,6 +53,12 @@ OPTION_ARGS: dict[str, list[str]] = {
 SLOW_OPTION_ARGS: dict[str, list[str]] = {
     # the flagship rebuilding its clustering space every epoch after clustering starts
     "DebiasedClustering-recluster": METHOD_ARGS["DebiasedClustering"] + ["--model.recluster_every=1"],
+    # the same, each rebuild started from the current clustering
+    "DebiasedClustering-reclusterwarm": METHOD_ARGS["DebiasedClustering"] + ["--model.recluster_every=1",
+                                                                             "--model.recluster_warm=true"],
+    # the mixture over-clustered, its components merged along the clustering space's k-NN graph
+    "DebiasedClustering-overgraph": METHOD_ARGS["DebiasedClustering"] + ["--model.overcluster=2",
+                                                                         "--model.overcluster_merge=graph"],
 }
 
 

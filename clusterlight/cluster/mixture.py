@@ -155,8 +155,8 @@ def merge_by_graph(resp: Tensor, k: int, neighbours: Tensor, min_size: float | N
     the largest ``W_ab / max(n_a, n_b)`` merge: the share of the larger group's edges that cross to
     the other. Two halves of one class share a long border and merge first; a small island next
     to a big class sends a fair share of its few edges there, but that is a small share of the big
-    class's edges, so it keeps its own cluster, where entropy merging (:func:`merge_by_entropy`)
-    or a size-blind link would let the big class absorb it.
+    class's edges, so it keeps its own cluster. Entropy merging (:func:`merge_by_entropy`) looks
+    only at how components share samples, not at their sizes or at the graph.
 
     Returns ``(resp (N, k), groups)`` as :func:`merge_by_entropy`.
     """
