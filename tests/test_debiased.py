@@ -477,10 +477,6 @@ def test_overcluster_graph_merges_the_mixture_components_along_the_spaces_knn_gr
     assert (np.sort(neighbours.numpy(), 1) == np.sort(want, 1)).mean() > 0.999  # ties aside
     torch.testing.assert_close(resp, calls[1])
     assert adjusted_rand_score(truth, resp.argmax(1).numpy()) > 0.95
-    with pytest.raises(ValueError, match="overcluster_merge must be"):
-        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), overcluster=2, overcluster_merge="ward")
-    with pytest.raises(ValueError, match="needs overcluster > 1"):  # not silently ignored
-        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), overcluster_merge="graph")
 
 
 def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: Path, monkeypatch) -> None:
@@ -642,6 +638,14 @@ def test_overcluster_umap_and_recluster_options_refuse_bad_values() -> None:
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="recluster_every must be"):
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), recluster_every=bad)
+    with pytest.raises(ValueError, match="overcluster_merge must be"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), overcluster=2, overcluster_merge="ward")
+    with pytest.raises(ValueError, match="needs overcluster > 1"):  # not silently ignored
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), overcluster_merge="graph")
+    for bad in ({"recluster_warm": True}, {"recluster_warm": True, "recluster_every": 2, "init_partition": "kmeans"},
+                {"recluster_warm": True, "recluster_every": 2, "overcluster": 2}, {"recluster_warm": 1, "recluster_every": 2}):
+        with pytest.raises(ValueError, match="recluster_warm"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), **bad)
 
 
 def test_umap_runs_start_from_the_consensus_of_each_embeddings_partition(tmp_path: Path, monkeypatch) -> None:
@@ -759,7 +763,7 @@ def test_recluster_warm_starts_each_rebuild_from_the_current_clustering(tmp_path
     from scipy.special import logsumexp
     from scipy.stats import norm
 
-    from clusterlight.methods import DebiasedClustering, debiased
+    from clusterlight.methods import debiased
 
     umap_inits, gmm_inits, expected = [], [], []
     real_init, real_umap, real_gmm = debiased.DebiasedClustering.init_clusters, debiased.reduce_umap, debiased.full_gmm
@@ -802,10 +806,6 @@ def test_recluster_warm_starts_each_rebuild_from_the_current_clustering(tmp_path
     want_layout, want_resp = expected[0]
     np.testing.assert_allclose(umap_inits[1], want_layout, atol=2e-3)
     np.testing.assert_allclose(gmm_inits[1].double().numpy(), want_resp, atol=2e-3)
-    for bad in ({"recluster_warm": True}, {"recluster_warm": True, "recluster_every": 2, "init_partition": "kmeans"},
-                {"recluster_warm": True, "recluster_every": 2, "overcluster": 2}, {"recluster_warm": 1, "recluster_every": 2}):
-        with pytest.raises(ValueError, match="recluster_warm"):
-            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), **bad)
 
 
 @pytest.mark.slow  # an option off in every config
