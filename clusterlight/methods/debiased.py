@@ -927,7 +927,8 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         space = z_r
         manifold = self.manifold == "umap" and not monitor_only
         warm_layout = warm_resp = None
-        if manifold and self.recluster_warm and bool(self.clustering_started):  # a rebuild (recluster_every)
+        # a rebuild (recluster_every) started from the current clustering: only rank 0 lays out and partitions
+        if manifold and self.recluster_warm and bool(self.clustering_started) and self.trainer.is_global_zero:
             with torch.no_grad():
                 z_c = torch.cat([self._cluster_space(chunk) for chunk in z_r.split(4096)]).float()
                 warm_resp = self._posterior(z_c)[0].exp()
@@ -1006,7 +1007,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         components = self.overcluster * self.num_clusters
         warm = warm_resp is not None  # recluster_warm: overcluster is 1, one component per cluster
         resp, won = full_gmm(space, components, self.kmeans_n_init, self.kmeans_seed, max_iter=self.gmm_iters,
-                             init_resp=warm_resp if warm else None, return_start=True)
+                             init_resp=warm_resp, return_start=True)
         merged = f", the current clustering among them, won by {won}" if warm else ""
         if components > self.num_clusters:
             if self.overcluster_merge == "graph":
