@@ -165,6 +165,36 @@ def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str, loc
     np.testing.assert_allclose(again, train_ref[:10], rtol=1e-4, atol=1e-5)
 
 
+def test_assign_neighbours_votes_like_a_naive_loop() -> None:
+    """``assign_neighbours: 4``: the cluster most of the 4 nearest bank rows have (scikit-learn's
+    neighbours), a tie going to the cluster with the higher posterior ``q``; a training sample
+    voted again skips its own bank row, as its OOD score does."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from clusterlight.methods import DebiasedClustering
+
+    rng = np.random.default_rng(11)
+    model = DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), latent_dim=4, widths=[8, 8],
+                               ood_neighbours=[1, 2], assign_neighbours=4)
+    x = rng.normal(size=(60, 4))
+    cluster = rng.integers(0, 3, 60)
+    model._fit_knn_bank(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(cluster))
+    queries = np.concatenate([rng.normal(size=(40, 4)), x[:20]])
+    q = rng.dirichlet(np.ones(3), size=len(queries))
+    zq = torch.as_tensor(queries, dtype=torch.float32)
+    got, share = model._vote(model._bank_search(zq), torch.as_tensor(q))
+    nn_ = NearestNeighbors(n_neighbors=5).fit(x)
+    nbrs = np.concatenate([nn_.kneighbors(queries[:40], n_neighbors=4)[1], nn_.kneighbors(x[:20])[1][:, 1:]])
+    ties = 0
+    for row in range(len(queries)):
+        counts = np.bincount(cluster[nbrs[row]], minlength=3)
+        tied = np.flatnonzero(counts == counts.max())
+        ties += len(tied) > 1
+        assert int(got[row]) == tied[np.argmax(q[row, tied])], row
+        assert float(share[row]) == pytest.approx(counts.max() / 4)
+    assert ties > 0  # 4 votes over 3 clusters: the tie rule was exercised
+
+
 def test_knn_ood_score_is_precise_far_from_the_origin() -> None:
     """Features with a large common offset: the scores match float64 scikit-learn distances."""
     from sklearn.neighbors import NearestNeighbors
@@ -242,6 +272,33 @@ def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path, knn: boo
         # one that changes the architecture is refused in one line before the Trainer starts
         with pytest.raises(ValueError, match=r"does not fit the model: representation\..* is \(8, .* \(6, "):
             main(["test", *common, f"--ckpt_path={ckpt}", "--model.latent_dim=6"])
+        # assign_neighbours from the command line over the checkpoint: each test image takes the cluster
+        # most of its 5 nearest training features (scikit-learn) have, ties to C's posterior; the OOD
+        # score is unchanged
+        voted = main(["test", *common, f"--ckpt_path={ckpt}", "--model.assign_neighbours=5"])
+        assert voted.model.assign_neighbours == 5
+        xs = torch.stack([fit.datamodule.test_dataset[i]["image"] for i in range(64)])
+        voted.model.eval()
+        fit.model.eval()
+        with torch.no_grad():
+            out = voted.model.cluster_outputs(xs)
+            plain = fit.model.cluster_outputs(xs)
+            q = fit.model._posterior(fit.model.embed(xs))[0].exp().numpy()
+            feats = fit.model.representation.encode(xs).double().numpy()
+        bank = voted.model.ood_bank.double().numpy()
+        bank_cluster = voted.model.ood_bank_cluster.numpy()
+        nearest = NearestNeighbors(n_neighbors=5).fit(bank).kneighbors(feats)[1]
+        want_cluster, want_share = [], []
+        for row, nbrs in enumerate(nearest):
+            counts = np.bincount(bank_cluster[nbrs], minlength=fit.model.num_clusters)
+            tied = np.flatnonzero(counts == counts.max())
+            best = tied[np.argmax(q[row, tied])]
+            want_cluster.append(best)
+            want_share.append(counts[best] / 5)
+        np.testing.assert_array_equal(out.cluster.numpy(), want_cluster)
+        np.testing.assert_allclose(out.confidence.numpy(), want_share)
+        torch.testing.assert_close(out.ood_score, plain.ood_score)
+        assert not torch.equal(out.cluster, plain.cluster)  # the vote differs from C's assignment somewhere
     assert bool(fit.model.spb_ood.initialised) and float(fit.model.spb_ood.sum_outer.abs().sum()) > 0
     for name in ("count", "sum", "sum_sq", "total_count", "total_sum", "total_sum_sq"):
         for spb in ("spb_r", "spb_c"):
@@ -642,6 +699,11 @@ def test_overcluster_umap_and_recluster_options_refuse_bad_values() -> None:
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), overcluster=2, overcluster_merge="ward")
     with pytest.raises(ValueError, match="needs overcluster > 1"):  # not silently ignored
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), overcluster_merge="graph")
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="assign_neighbours must be"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), assign_neighbours=bad)
+    with pytest.raises(ValueError, match="assign_neighbours 5 needs ood_score knn"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), assign_neighbours=5, ood_score="nll")
     for bad in ({"recluster_warm": True}, {"recluster_warm": True, "recluster_every": 2, "init_partition": "kmeans"},
                 {"recluster_warm": True, "recluster_every": 2, "overcluster": 2}, {"recluster_warm": 1, "recluster_every": 2}):
         with pytest.raises(ValueError, match="recluster_warm"):
