@@ -678,7 +678,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
 
     @float32_math
     def _bank_search(self, z_r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Each row's nearest bank rows, as many as the k-NN score and the vote need.
+        """Each row's nearest bank rows, as many as the k-NN score and the vote need (``z_r`` non-empty).
 
         Returns the sorted distances ``(B, n)``, the bank rows ``(B, n)`` and a mask ``(B,)`` of the
         queries that are themselves a training sample (distance ~0 to a bank row: ``eval_on: all``,
@@ -701,9 +701,6 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             d, j = (q[:, None, :] - bank[idx]).pow(2).sum(2).sqrt().sort(dim=1)
             parts.append(d)
             order.append(idx.gather(1, j))
-        if not parts:
-            return z.new_zeros(0, top), torch.zeros(0, top, dtype=torch.long, device=z.device), \
-                torch.zeros(0, dtype=torch.bool, device=z.device)
         dist, nbr = torch.cat(parts), torch.cat(order)
         own = dist[:, 0] <= 1e-4 * self.ood_scale[0].min()
         return dist, nbr, own
@@ -1138,7 +1135,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         q = log_q.exp()
         conf, cluster = q.max(1)
         search = None
-        if self.ood_score_kind == "knn" and self.ood_bank.shape[0] > 1 and len(z_r) > 0:
+        if self.ood_score_kind == "knn" and self.ood_bank.shape[0] > 0 and len(z_r) > 0:
             search = self._bank_search(z_r)
             if self.assign_neighbours > 0:
                 cluster, conf = self._vote(search, q)
