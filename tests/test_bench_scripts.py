@@ -35,6 +35,16 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _script(name: str):
+    """``scripts/<name>.py`` imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _step1_loss_by_hand(monkeypatch: pytest.MonkeyPatch) -> float:
     """AEKMeans's reconstruction loss on the first training batch of USPS, computed here."""
     from clusterlight.data import ClusteringDataModule
@@ -154,13 +164,9 @@ def test_scaling_umap_steps(tmp_path: Path) -> None:
 
 def test_knn_purity_against_scikit_learn() -> None:
     """``scripts/knn_purity.py``'s neighbour agreement against scikit-learn's exact neighbours."""
-    import importlib.util
-
     from sklearn.neighbors import NearestNeighbors
 
-    spec = importlib.util.spec_from_file_location("knn_purity", Path(__file__).parents[1] / "scripts" / "knn_purity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("knn_purity")
     rng = np.random.default_rng(3)
     x = rng.normal(size=(300, 5))
     y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0.5)
@@ -173,14 +179,9 @@ def test_knn_purity_against_scikit_learn() -> None:
 
 def test_ood_view_probe_distance_against_scikit_learn() -> None:
     """``scripts/ood_view_probe.py``'s mean log k-NN distance against scikit-learn's exact neighbours."""
-    import importlib.util
-
     from sklearn.neighbors import NearestNeighbors
 
-    path = Path(__file__).parents[1] / "scripts" / "ood_view_probe.py"
-    spec = importlib.util.spec_from_file_location("ood_view_probe", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("ood_view_probe")
     rng = np.random.default_rng(4)
     bank, queries = rng.normal(size=(1500, 6)), rng.normal(size=(1100, 6)) * 1.5
     ours = mod.log_knn_distance(torch.from_numpy(bank), torch.from_numpy(queries), (1, 2, 4)).numpy()
@@ -190,11 +191,7 @@ def test_ood_view_probe_distance_against_scikit_learn() -> None:
 
 def test_mutual_purity_by_hand() -> None:
     """``scripts/mutual_purity.py``'s per-class same-class share of pairs, on a hand-made table."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("mutual_purity", Path(__file__).parents[1] / "scripts" / "mutual_purity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("mutual_purity")
     y = torch.tensor([0, 0, 0, 1, 1])
     table = torch.tensor([[1, 3], [0, 2], [3, 4], [4, 0], [3, 2]])
     # class 0: pairs 0-1, 0-3, 1-0, 1-2, 2-3, 2-4 -> 3 of 6 within; class 1: 3-4, 3-0, 4-3, 4-2 -> 2 of 4
@@ -204,3 +201,30 @@ def test_mutual_purity_by_hand() -> None:
     assert mod.pair_purity(table, count, y) == {0: pytest.approx(1.0), 1: pytest.approx(1.0)}
     # class 1 without any pair is left out
     assert mod.pair_purity(table, torch.tensor([2, 2, 2, 0, 0]), y) == {0: pytest.approx(0.5)}
+
+
+def test_tail_probe_cross_purity_against_scikit_learn() -> None:
+    """``scripts/tail_probe.py``'s test-to-training neighbour agreement against scikit-learn's neighbours."""
+    from sklearn.neighbors import NearestNeighbors
+
+    mod = _script("tail_probe")
+    rng = np.random.default_rng(5)
+    train, test = rng.normal(size=(1300, 4)), rng.normal(size=(1100, 4))
+    y_train, y_test = rng.integers(0, 3, 1300), rng.integers(0, 3, 1100)
+    y_train[train[:, 0] > 1] = 2  # some structure, so that the shares are not all about 1/3
+    y_test[test[:, 0] > 1] = 2
+    ours = mod.cross_purity(torch.from_numpy(train), y_train, torch.from_numpy(test), y_test, 5)
+    idx = NearestNeighbors(n_neighbors=5).fit(train).kneighbors(test, return_distance=False)
+    np.testing.assert_allclose(ours, (y_train[idx] == y_test[:, None]).mean(1), atol=1e-12)
+
+
+def test_tail_probe_routes_by_hand() -> None:
+    """``scripts/tail_probe.py``'s per-class table on a hand-made case: three classes, two clusters."""
+    mod = _script("tail_probe")
+    # training: cluster 0 holds classes 0, 0, 1, 2; cluster 1 holds 1, 2
+    table = mod.routes(np.array([0, 0, 0, 1, 1, 0]), np.array([0, 0, 1, 1, 2, 2]),
+                       # test: cluster 0 gets 0, 0, 2; cluster 1 gets 1, 1; one class-1 image unassigned (-1)
+                       np.array([0, 0, 1, 1, -1, 0]), np.array([0, 0, 1, 1, 1, 2]), 2, 3)
+    # matching: cluster 0 -> class 0 (2 images), cluster 1 -> class 1 (2 of its 3); class 2 gets none
+    assert [(r["n"], r["train_top"], r["cluster"], r["cluster_largest_class"], r["recall"]) for r in table] == [
+        (2, 1.0, 0, 0, 1.0), (2, 0.5, 0, 0, round(2 / 3, 3)), (2, 0.5, 0, 0, 0.0)]
