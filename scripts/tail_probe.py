@@ -1,11 +1,12 @@
 """Where the smallest classes go: a diagnostic of the flagship's runs on long-tailed splits.
 
-For each class, from the fewest training images up, it prints:
+Per run it prints the sizes of C's training clusters (``cluster_sizes``: C's assignments, the
+clusters the k-NN bank holds) and, for each class from the fewest training images up:
 
 * ``n``: the class's training images;
-* ``train_top``: the share of those images in the cluster that takes most of them (C's
-  assignment, the cluster each training image has in the k-NN bank), and ``own`` whether the
-  class is that cluster's largest class (else the class it is hidden in);
+* ``train_top``: the share of those images in the cluster that takes most of them, ``cluster``
+  that cluster and ``cluster_largest_class`` its largest class (another class's when the class
+  is hidden in it);
 * ``recall``: the class's test recall after the one-to-one matching of clusters to classes
   (the model's own assignments, ``assign_neighbours`` included);
 * ``R`` and ``C``: the mean share of a test image's ``--k`` nearest training images that are of
@@ -80,15 +81,17 @@ def _one(pattern: str) -> str:
 
 
 @torch.no_grad()
-def _encode(model: DebiasedClustering, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """R's features, C's embedding and the model's clusters, in batches of 1024."""
-    parts = [], [], []
+def _encode(model: DebiasedClustering, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """R's features, C's embedding, C's clusters and the model's clusters, in batches of 1024."""
+    parts = [], [], [], []
     for i in range(0, len(images), 1024):
         x = images[i:i + 1024].float() / 255.0
-        parts[0].append(model.representation.encode(x))
+        z = model.representation.encode(x)
+        parts[0].append(z)
         parts[1].append(model.embed(x))
-        parts[2].append(model.cluster_outputs(x).cluster)
-    return torch.cat(parts[0]), torch.cat(parts[1]), torch.cat(parts[2]).numpy()
+        parts[2].append(model._posterior(model._cluster_space(z))[0].argmax(1))  # as the k-NN bank has them
+        parts[3].append(model.cluster_outputs(x).cluster)
+    return torch.cat(parts[0]), torch.cat(parts[1]), torch.cat(parts[2]).numpy(), torch.cat(parts[3]).numpy()
 
 
 def probe(run: Path, k: int, classes: int) -> dict:
@@ -100,11 +103,10 @@ def probe(run: Path, k: int, classes: int) -> dict:
     model = DebiasedClustering.load_from_checkpoint(_one(str(run / "runs/*/checkpoints/last.ckpt")),
                                                     map_location="cpu").eval()
     train, test = data.split_dataset("train"), data.split_dataset("test")
-    r_train = _encode(model, train.images)[0]
+    r_train, c_train, k_train, _ = _encode(model, train.images)
     with torch.no_grad():
         model._fit_ood_statistics(r_train)  # the bank of C's training assignments, as test does
-    r_train, c_train, k_train = _encode(model, train.images)
-    r_test, c_test, k_test = _encode(model, test.images)
+    r_test, c_test, _, k_test = _encode(model, test.images)
     keep = ~test.ood.numpy()
     y_train, y_test = train.labels.numpy(), test.labels.numpy()[keep]
     num_classes = len(data.train_class_counts)
