@@ -208,6 +208,38 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def load_run(folder: str | Path) -> tuple[Any, Any]:
+    """The data module (set up for fit and test) and the trained model of one run that ``run --runs`` left.
+
+    ``folder`` is ``<runs>/<budget>/<run name>``: its fit saved ``runs/*/config.yaml`` and
+    ``runs/*/checkpoints/last.ckpt`` (the latest of each is taken). Both classes come from the
+    config's ``class_path``. For diagnostics of finished runs (``scripts/partition_probe.py``,
+    ``scripts/tail_probe.py``); the model is in eval mode, on the CPU.
+    """
+    import importlib
+
+    import yaml
+
+    found = {}
+    for name, pattern in (("config", "runs/*/config.yaml"), ("checkpoint", "runs/*/checkpoints/last.ckpt")):
+        paths = sorted(Path(folder).glob(pattern))
+        if not paths:
+            raise SystemExit(f"error: {folder} holds no {pattern} (a run folder of bench run --runs)")
+        found[name] = paths[-1]
+    with open(found["config"]) as f:
+        config = yaml.safe_load(f)
+
+    def cls(entry: dict[str, Any]) -> Any:
+        module, _, name = entry["class_path"].rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+    data = cls(config["data"])(**config["data"].get("init_args", {}))
+    data.setup("fit")
+    data.setup("test")
+    model = cls(config["model"]).load_from_checkpoint(str(found["checkpoint"]), map_location="cpu").eval()
+    return data, model
+
+
 @contextmanager
 def _sigterm_stops_the_run_in_flight() -> Iterator[None]:
     """SIGTERM ends the grid the way Ctrl-C does: as an exception in the main thread, on which

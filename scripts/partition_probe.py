@@ -20,19 +20,17 @@ read only by the metrics.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from sklearn.neighbors import KNeighborsClassifier
 
+from clusterlight.bench import load_run
 from clusterlight.cluster.consensus import consensus_responsibilities
 from clusterlight.cluster.mixture import full_gmm
 from clusterlight.cluster.umap_hdbscan import reduce_umap
-from clusterlight.data import ClusteringDataModule
 from clusterlight.methods import DebiasedClustering
 from clusterlight.metrics import (
     group_accuracy,
@@ -40,13 +38,6 @@ from clusterlight.metrics import (
     normalized_mutual_info,
     per_class_recall,
 )
-
-
-def _one(pattern: str) -> str:
-    found = sorted(glob.glob(pattern))
-    if not found:
-        raise SystemExit(f"partition_probe: nothing matches {pattern}")
-    return found[-1]
 
 
 @torch.no_grad()
@@ -67,13 +58,7 @@ def _score(pred: np.ndarray, target: np.ndarray, counts: list[int], k: int) -> l
 
 
 def probe(run: Path, umap_runs: int, knn: int) -> dict:
-    with open(_one(str(run / "runs/*/config.yaml"))) as f:
-        config = yaml.safe_load(f)
-    data = ClusteringDataModule(**config["data"]["init_args"])
-    data.setup("fit")
-    data.setup("test")
-    model = DebiasedClustering.load_from_checkpoint(_one(str(run / "runs/*/checkpoints/last.ckpt")),
-                                                    map_location="cpu").eval()
+    data, model = load_run(run)
     train, test = data.split_dataset("train"), data.split_dataset("test")
     counts, k = [int(c) for c in data.train_class_counts], model.num_clusters
     z_train, _ = _features(model, train.images)

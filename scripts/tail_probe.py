@@ -23,16 +23,14 @@ and ``runs/*/checkpoints/last.ckpt``).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from scipy.optimize import linear_sum_assignment
 
-from clusterlight.data import ClusteringDataModule
+from clusterlight.bench import load_run
 from clusterlight.methods import DebiasedClustering
 
 
@@ -73,13 +71,6 @@ def routes(train_clusters: np.ndarray, train_labels: np.ndarray, test_clusters: 
     return out
 
 
-def _one(pattern: str) -> str:
-    found = sorted(glob.glob(pattern))
-    if not found:
-        raise SystemExit(f"tail_probe: nothing matches {pattern}")
-    return found[-1]
-
-
 @torch.no_grad()
 def _encode(model: DebiasedClustering, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """R's features, C's embedding, C's clusters and the model's clusters, in batches of 1024."""
@@ -95,13 +86,9 @@ def _encode(model: DebiasedClustering, images: torch.Tensor) -> tuple[torch.Tens
 
 
 def probe(run: Path, k: int, classes: int) -> dict:
-    with open(_one(str(run / "runs/*/config.yaml"))) as f:
-        config = yaml.safe_load(f)
-    data = ClusteringDataModule(**config["data"]["init_args"])
-    data.setup("fit")
-    data.setup("test")
-    model = DebiasedClustering.load_from_checkpoint(_one(str(run / "runs/*/checkpoints/last.ckpt")),
-                                                    map_location="cpu").eval()
+    data, model = load_run(run)
+    if not isinstance(model, DebiasedClustering):
+        raise SystemExit(f"tail_probe: {run} is a {type(model).__name__} run, not a DebiasedClustering one")
     train, test = data.split_dataset("train"), data.split_dataset("test")
     r_train, c_train, k_train, _ = _encode(model, train.images)
     with torch.no_grad():

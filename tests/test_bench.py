@@ -86,6 +86,16 @@ def test_grid_appends_one_record_per_run_and_resumes(tmp_path, monkeypatch) -> N
         assert r["device"].startswith("cpu")
     assert records[0]["ood_auroc"] is None and records[1]["ood_auroc"] is not None  # only the OOD split has it
     assert records[1]["n_train"] < records[0]["n_train"]  # long tail + held-out class
+    # the run folder loads back: the split the run trained on and the weights of its last checkpoint
+    folder = tmp_path / "runs" / "fast" / "ae_kmeans-digits-lt10_ood-seed0"
+    data, model = bench.load_run(folder)
+    assert type(model).__name__ == "AEKMeans" and not model.training
+    assert len(data.train_dataset) == records[1]["n_train"] and len(data.test_dataset) == records[1]["n_test"]
+    saved = torch.load(next(folder.glob("runs/*/checkpoints/last.ckpt")), map_location="cpu", weights_only=False)
+    assert saved["state_dict"].keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved["state_dict"].items())
+    with pytest.raises(SystemExit, match="holds no runs/"):
+        bench.load_run(tmp_path)
     # Interrupted grid: a second call with one more seed runs only the new seed (one split, to keep it short).
     assert bench.main([*argv[:7], "--seeds", "0", "1", *argv[-4:]]) == 0
     again = [json.loads(line) for line in out.read_text().splitlines()]
