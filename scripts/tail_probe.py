@@ -72,17 +72,23 @@ def routes(train_clusters: np.ndarray, train_labels: np.ndarray, test_clusters: 
 
 
 @torch.no_grad()
-def _encode(model: DebiasedClustering, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
-    """R's features, C's embedding, C's clusters and the model's clusters, in batches of 1024."""
-    parts = [], [], [], []
+def _encode(model: DebiasedClustering, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """R's features, C's embedding and C's clusters (as the k-NN bank holds them), in batches of 1024."""
+    parts = [], [], []
     for i in range(0, len(images), 1024):
-        x = images[i:i + 1024].float() / 255.0
-        z = model.representation.encode(x)
+        z = model.representation.encode(images[i:i + 1024].float() / 255.0)
+        z_c = model._cluster_space(z)
         parts[0].append(z)
-        parts[1].append(model.embed(x))
-        parts[2].append(model._posterior(model._cluster_space(z))[0].argmax(1))  # as the k-NN bank has them
-        parts[3].append(model.cluster_outputs(x).cluster)
-    return torch.cat(parts[0]), torch.cat(parts[1]), torch.cat(parts[2]).numpy(), torch.cat(parts[3]).numpy()
+        parts[1].append(z_c)
+        parts[2].append(model._posterior(z_c)[0].argmax(1))
+    return torch.cat(parts[0]), torch.cat(parts[1]), torch.cat(parts[2]).numpy()
+
+
+@torch.no_grad()
+def _assign(model: DebiasedClustering, images: torch.Tensor) -> np.ndarray:
+    """The model's own clusters (``assign_neighbours`` included), in batches of 1024."""
+    return torch.cat([model.cluster_outputs(images[i:i + 1024].float() / 255.0).cluster
+                      for i in range(0, len(images), 1024)]).numpy()
 
 
 def probe(run: Path, k: int, classes: int) -> dict:
@@ -90,10 +96,11 @@ def probe(run: Path, k: int, classes: int) -> dict:
     if not isinstance(model, DebiasedClustering):
         raise SystemExit(f"tail_probe: {run} is a {type(model).__name__} run, not a DebiasedClustering one")
     train, test = data.split_dataset("train"), data.split_dataset("test")
-    r_train, c_train, k_train, _ = _encode(model, train.images)
+    r_train, c_train, k_train = _encode(model, train.images)
     with torch.no_grad():
         model._fit_ood_statistics(r_train)  # the bank of C's training assignments, as test does
-    r_test, c_test, _, k_test = _encode(model, test.images)
+    r_test, c_test, _ = _encode(model, test.images)
+    k_test = _assign(model, test.images)
     keep = ~test.ood.numpy()
     y_train, y_test = train.labels.numpy(), test.labels.numpy()[keep]
     num_classes = len(data.train_class_counts)
