@@ -149,6 +149,30 @@ def device_name() -> str:
     return f"cpu {platform.machine()} ({len(os.sched_getaffinity(0))} cores)"
 
 
+def cpu_name() -> str:
+    """The processor and the kernel set torch picked on it, e.g. ``Intel(R) Xeon(R) Processor (family 6
+    model 167), torch AVX512, 2 threads``: two machines with the same package releases can still give
+    other figures (the vector kernels round differently, and UMAP and the mixtures amplify that)."""
+    import torch
+
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, sep, value = line.partition(":")
+                if not sep:
+                    if fields:
+                        break  # the first processor's block is enough
+                    continue
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return f"{name}, torch {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+
+
 def run_args(method: str, dataset: str, split: str, seed: int, budget: str, root: Path,
              overrides: list[str] = ()) -> list[str]:
     """The ``fit`` arguments of one run (``overrides``: ``KEY=VALUE`` options given after the budget's)."""
@@ -287,6 +311,7 @@ def _run_grid(a: argparse.Namespace) -> int:
     failures = 0
     t_grid = time.time()
     packages = package_versions()
+    cpu = cpu_name()
     for i, (m, d, s, seed) in enumerate(todo, 1):
         name = f"{m}-{a.variant}" if a.variant else m
         root = Path(a.runs).resolve() / a.budget / f"{name}-{d}-{s}-seed{seed}"  # the child runs in the repository
@@ -310,7 +335,7 @@ def _run_grid(a: argparse.Namespace) -> int:
                   "train_s": round(r["train_s"], 1), "wall_s": round(r["wall_s"], 1),
                   "peak_rss_mb": round(r["peak_rss_mb"]), "peak_gpu_mb": r["peak_gpu_mb"],
                   "n_train": r["n_train"], "n_test": r["n_test"], "eval_on": r["eval_on"],
-                  "device": device_name(), "config_hash": config_hash(args), "version": clusterlight.__version__,
+                  "device": device_name(), "cpu": cpu, "config_hash": config_hash(args), "version": clusterlight.__version__,
                   "packages": packages, "args": args[1:]}
         with open(out, "a") as fh:  # one whole line per run: an interrupted grid loses at most the run in flight
             fh.write(json.dumps(record) + "\n")

@@ -84,6 +84,11 @@ def test_grid_appends_one_record_per_run_and_resumes(tmp_path, monkeypatch) -> N
         assert r["packages"]["torch"] == torch.__version__.split("+")[0]
         assert r["packages"]["numpy"] == np.__version__ and r["packages"]["scikit-learn"] == sklearn.__version__
         assert r["device"].startswith("cpu")
+        # the machine: torch's kernel set and, where /proc/cpuinfo exists, its first model name
+        assert f"torch {torch.backends.cpu.get_cpu_capability()}," in r["cpu"]
+        if Path("/proc/cpuinfo").is_file():
+            model = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
+            assert r["cpu"].startswith(model.split(":", 1)[1].strip())
     assert records[0]["ood_auroc"] is None and records[1]["ood_auroc"] is not None  # only the OOD split has it
     assert records[1]["n_train"] < records[0]["n_train"]  # long tail + held-out class
     # the run folder loads back: the split the run trained on and the weights of its last checkpoint
