@@ -231,7 +231,10 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             most of ``R``'s features; unweighted, its pairs come mostly from head clusters.
         manifold: ``umap``: ``C`` learns to embed ``R``'s features as their UMAP embedding (see
             *Clustering space*); ``none``: ``C`` is trained by the self-training loss alone.
-        umap_neighbors: UMAP's neighbourhood size for the clustering space.
+        umap_neighbors: UMAP's neighbourhood size for the clustering space. The USPS configs set 5:
+            with 15, more than the smallest long-tailed digits have images, their images join the
+            clusters of the head digits around them (README, flagship: higher tail ACC on USPS
+            ``lt100`` at both budgets, lower on ``lt10`` at the ``paper`` budget).
         umap_set_op_mix_ratio: UMAP's symmetrisation of the k-NN graph of ``R``'s features: 1, the
             fuzzy union (UMAP's default), keeps an edge ``i -> j`` at full weight even when ``i`` is
             not among ``j``'s nearest; towards 0, the fuzzy intersection, only mutual neighbours
