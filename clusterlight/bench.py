@@ -117,6 +117,7 @@ CHILD = r"""
 import json, resource, sys, time
 import torch
 from clusterlight import cli as C
+from clusterlight.bench import cpu_name
 
 marks = {}
 _before, _after = C.ClusterlightCLI.before_fit, C.ClusterlightCLI.after_fit
@@ -136,7 +137,8 @@ dm = cli.datamodule
 out.update(wall_s=time.time() - t0, train_s=marks["fit1"] - marks["fit0"],
            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-           n_train=len(dm.train_dataset), n_test=len(dm.test_dataset), eval_on=dm.eval_on)
+           n_train=len(dm.train_dataset), n_test=len(dm.test_dataset), eval_on=dm.eval_on,
+           cpu=cpu_name())
 json.dump(out, open(result, "w"))
 """
 
@@ -149,27 +151,38 @@ def device_name() -> str:
     return f"cpu {platform.machine()} ({len(os.sched_getaffinity(0))} cores)"
 
 
-def cpu_name() -> str:
+def cpu_name(cpuinfo: str | None = None) -> str:
     """The processor and the kernel set torch picked on it, e.g. ``Intel(R) Xeon(R) Processor (family 6
     model 167), torch AVX512, 2 threads``: two machines with the same package releases can still give
-    other figures (the vector kernels round differently, and UMAP and the mixtures amplify that)."""
+    other figures (the vector kernels round differently, and UMAP and the mixtures amplify that).
+
+    ``cpuinfo``: the text of ``/proc/cpuinfo`` (read when ``None``); its first processor's block is
+    used: ``model name`` with ``cpu family`` and ``model`` (x86), or ``CPU implementer`` and ``CPU part``
+    (ARM, which has no model name). The thread count is the calling process's: the bench's child
+    computes it, as that is the process that trains.
+    """
     import torch
 
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            cpuinfo = ""
     fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, sep, value = line.partition(":")
-                if not sep:
-                    if fields:
-                        break  # the first processor's block is enough
-                    continue
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    name = fields.get("model name") or platform.processor() or platform.machine()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields and not line.strip():
+                break  # the end of the first processor's block
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    processor = platform.processor()
+    name = fields.get("model name") or (processor if processor not in ("", "unknown") else platform.machine())
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']} model {fields['model']})"
+    elif "CPU implementer" in fields and "CPU part" in fields:
+        name += f" (implementer {fields['CPU implementer']} part {fields['CPU part']})"
     return f"{name}, torch {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
 
 
@@ -311,7 +324,6 @@ def _run_grid(a: argparse.Namespace) -> int:
     failures = 0
     t_grid = time.time()
     packages = package_versions()
-    cpu = cpu_name()
     for i, (m, d, s, seed) in enumerate(todo, 1):
         name = f"{m}-{a.variant}" if a.variant else m
         root = Path(a.runs).resolve() / a.budget / f"{name}-{d}-{s}-seed{seed}"  # the child runs in the repository
@@ -335,7 +347,7 @@ def _run_grid(a: argparse.Namespace) -> int:
                   "train_s": round(r["train_s"], 1), "wall_s": round(r["wall_s"], 1),
                   "peak_rss_mb": round(r["peak_rss_mb"]), "peak_gpu_mb": r["peak_gpu_mb"],
                   "n_train": r["n_train"], "n_test": r["n_test"], "eval_on": r["eval_on"],
-                  "device": device_name(), "cpu": cpu, "config_hash": config_hash(args), "version": clusterlight.__version__,
+                  "device": device_name(), "cpu": r.get("cpu"), "config_hash": config_hash(args), "version": clusterlight.__version__,
                   "packages": packages, "args": args[1:]}
         with open(out, "a") as fh:  # one whole line per run: an interrupted grid loses at most the run in flight
             fh.write(json.dumps(record) + "\n")

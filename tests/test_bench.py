@@ -84,10 +84,11 @@ def test_grid_appends_one_record_per_run_and_resumes(tmp_path, monkeypatch) -> N
         assert r["packages"]["torch"] == torch.__version__.split("+")[0]
         assert r["packages"]["numpy"] == np.__version__ and r["packages"]["scikit-learn"] == sklearn.__version__
         assert r["device"].startswith("cpu")
-        # the machine: torch's kernel set and, where /proc/cpuinfo exists, its first model name
+        # the machine, from the training process: torch's kernel set and, where /proc/cpuinfo has one, its model name
         assert f"torch {torch.backends.cpu.get_cpu_capability()}," in r["cpu"]
-        if Path("/proc/cpuinfo").is_file():
-            model = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
+        info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+        model = next((ln for ln in info.splitlines() if ln.startswith("model name")), None)
+        if model is not None:
             assert r["cpu"].startswith(model.split(":", 1)[1].strip())
     assert records[0]["ood_auroc"] is None and records[1]["ood_auroc"] is not None  # only the OOD split has it
     assert records[1]["n_train"] < records[0]["n_train"]  # long tail + held-out class
@@ -230,3 +231,18 @@ def test_sigterm_stops_the_run_in_flight(tmp_path) -> None:
         grid.kill()
         for pid in _processes_naming(str(result)):  # a failed check must not leave an endless fit behind
             os.kill(pid, signal.SIGKILL)
+
+
+def test_cpu_name_parses_the_first_processor():
+    """x86 (model name, family, model) and ARM (implementer, part) blocks of /proc/cpuinfo, written by hand."""
+    import torch
+
+    x86 = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 167\n"
+           "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse\n\n"
+           "processor\t: 1\ncpu family\t: 7\nmodel\t\t: 1\nmodel name\t: Other\n")
+    arm = ("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+           "CPU part\t: 0xd0c\n\nprocessor\t: 1\nCPU implementer\t: 0x42\nCPU part\t: 0xd40\n")
+    tail = f", torch {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    assert bench.cpu_name(x86) == "Intel(R) Xeon(R) Processor (family 6 model 167)" + tail
+    assert bench.cpu_name(arm).endswith(" (implementer 0x41 part 0xd0c)" + tail)
+    assert not bench.cpu_name(arm).startswith("unknown") and not bench.cpu_name("").startswith(("unknown", " "))
