@@ -244,6 +244,21 @@ def test_debiased_target() -> None:
     np.testing.assert_allclose(debiased_target(q, None).numpy(), target_distribution(q).numpy(), rtol=1e-5)
 
 
+def test_debiased_target_power() -> None:
+    q = torch.softmax(torch.randn(40, 4, generator=torch.Generator().manual_seed(5)), 1)
+    prior = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    qn = q.numpy()
+    for power in (1.0, 1.5, 3.0):
+        ref = qn ** power / qn.sum(0) * prior.numpy()
+        ref /= ref.sum(1, keepdims=True)
+        np.testing.assert_allclose(debiased_target(q, prior, power).numpy(), ref, rtol=1e-5)
+    # power 1 with the batch used as often as the prior says (f = N pi): the target is q itself,
+    # no cluster is grown or shrunk and nothing is sharpened
+    freq = prior * len(q)
+    np.testing.assert_allclose(debiased_target(q, prior, 1.0, freq=freq).numpy(), qn, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(debiased_target(q, prior, 2.0, freq=freq).numpy(), qn, atol=1e-3)
+
+
 @pytest.mark.parametrize("knn", [False, True], ids=["full_mahalanobis", "knn"])
 def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path, knn: bool) -> None:
     common = METHOD_ARGS["DebiasedClustering"] + data_args("digits", max_samples=400) + base_args(tmp_path, epochs=2)
