@@ -223,7 +223,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         head_hidden: hidden layer sizes of ``C``'s MLP.
         pretrain_epochs: epochs of reconstruction before clustering starts.
         momentum: weight of the past in the SPBs' running statistics (per batch).
-        target_power: sharpening exponent of the self-training target.
+        target_power: sharpening exponent of the self-training target (1: none; with a batch that uses
+            each cluster as often as its running cardinality says, the target is then ``q``). Probed
+            at 1 on USPS and Fashion-MNIST, not adopted (README, flagship).
         debias_strength: exponent of the cardinality weights of ``R``'s reconstruction loss.
         debias_views: weigh ``R``'s contrast loss of the view pairs by the same cardinality weights
             (item 4; needs view pairs: ``neighbours`` or ``augment``): both rows of a sample's pair
