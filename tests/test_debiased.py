@@ -256,6 +256,30 @@ def test_debiased_target_power_one_is_q_at_the_prior() -> None:
     assert not np.allclose(debiased_target(q, prior, 2.0, freq=freq).numpy(), q.numpy(), atol=1e-3)
 
 
+@pytest.mark.parametrize("power", [1.5, 2.0, 3.0])
+def test_debiased_target_sharpens_the_likelihood(power: float) -> None:
+    rng = np.random.default_rng(7)
+    mixing = np.array([0.6, 0.25, 0.1, 0.05])  # the weights q was computed with
+    lik = rng.gamma(1.0, size=(25, 4))
+    lik[0] = 1.0  # a sample as likely under every cluster
+    q = mixing * lik
+    q /= q.sum(1, keepdims=True)
+    prior = np.array([0.5, 0.3, 0.15, 0.05])
+    p = debiased_target(torch.tensor(q), torch.tensor(prior), power, q_prior=torch.tensor(mixing)).numpy()
+    # written from the likelihoods, not from q: p ~ mixing * L^power * prior / f
+    ref = mixing * lik ** power * prior / q.sum(0)
+    ref /= ref.sum(1, keepdims=True)
+    np.testing.assert_allclose(p, ref, rtol=1e-5)
+    # with the batch used as often as the mixing weights say (f = N * mixing, prior = mixing), the
+    # sample as likely under every cluster keeps its posterior: odds 0.6 / 0.05 = 12 between the
+    # biggest and the smallest cluster; sharpening the posterior gives 12^power
+    freq = torch.tensor(mixing) * len(q)
+    keep = debiased_target(torch.tensor(q), torch.tensor(mixing), power, freq=freq, q_prior=torch.tensor(mixing))
+    np.testing.assert_allclose(keep[0].numpy(), mixing, rtol=1e-5)
+    post = debiased_target(torch.tensor(q), torch.tensor(mixing), power, freq=freq)[0].numpy()
+    np.testing.assert_allclose(post[0] / post[3], 12.0 ** power, rtol=1e-4)
+
+
 @pytest.mark.parametrize("knn", [False, True], ids=["full_mahalanobis", "knn"])
 def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path, knn: bool) -> None:
     common = METHOD_ARGS["DebiasedClustering"] + data_args("digits", max_samples=400) + base_args(tmp_path, epochs=2)
@@ -714,6 +738,8 @@ def test_overcluster_umap_and_recluster_options_refuse_bad_values() -> None:
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="assign_neighbours must be"):
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), assign_neighbours=bad)
+    with pytest.raises(ValueError, match="target_sharpen must be posterior or likelihood, got 'prior'"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), target_sharpen="prior")
     with pytest.raises(ValueError, match="assign_neighbours 5 needs ood_score knn"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), assign_neighbours=5, ood_score="nll")
     for bad in ({"recluster_warm": True}, {"recluster_warm": True, "recluster_every": 2, "init_partition": "kmeans"},

@@ -51,7 +51,8 @@ def mixture_log_posterior(z: Tensor, mean: Tensor, var: Tensor, log_prior: Tenso
     return torch.log_softmax(log_lik + log_prior, dim=1), maha
 
 
-def debiased_target(q: Tensor, prior: Tensor | None, power: float = 2.0, freq: Tensor | None = None) -> Tensor:
+def debiased_target(q: Tensor, prior: Tensor | None, power: float = 2.0, freq: Tensor | None = None,
+                    q_prior: Tensor | None = None) -> Tensor:
     """Self-training target debiased by cardinality.
 
     DEC's target ``q^2 / f`` (``f_k`` the batch's soft cluster frequency) pushes every cluster
@@ -60,11 +61,20 @@ def debiased_target(q: Tensor, prior: Tensor | None, power: float = 2.0, freq: T
     in the batch as often as its running size says is only sharpened, neither grown nor shrunk;
     one suddenly over-used (absorbing others) is damped. ``prior=None`` gives DEC's target.
     ``freq`` is ``f`` (default ``q.sum(0)``; under DDP pass the global batch's sum).
+
+    ``q_prior``: the mixing weights ``q`` was computed with (``q_bk ~ q_prior_k * L_bk``). When
+    given, only the likelihood is sharpened, not the posterior: ``q^power`` holds the prior to the
+    power ``power``, so the target is multiplied by ``q_prior^(1 - power)``, which leaves
+    ``p_bk ~ q_prior_k * L_bk^power * pi_k / f_k``. Sharpening the posterior counts the prior
+    ``power`` times: between a cluster 100 times bigger and a small one, a sample as likely
+    under both is pushed to the big one with odds ``100^power``, not 100.
     """
     q = q.float()
     weight = q.pow(power) / (q.sum(0) if freq is None else freq.float()).clamp_min(1e-12)
     if prior is not None:
         weight = weight * prior.float()
+    if q_prior is not None:
+        weight = weight * q_prior.float().clamp_min(1e-12).pow(1.0 - power)
     return weight / weight.sum(1, keepdim=True).clamp_min(1e-12)
 
 
@@ -127,8 +137,11 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        k-means and a diagonal EM, ``init_partition: kmeans``; README, Results).
     2. *Debiased target* (``C``): ``p ~ q^2 * pi / f`` (see :func:`debiased_target`): DEC's
        ``q^2 / f`` forces equal cluster sizes, plain ``q^2`` lets big clusters absorb small ones;
-       the running cardinality ``pi`` cancels the balancing push without adding a rich-get-richer
-       one.
+       the running cardinality ``pi`` cancels the balancing push. But ``q`` is the mixture's
+       posterior, ``q ~ pi * L``, so squaring it counts the prior twice: a sample as likely under a
+       cluster 100 times bigger as under a small one is pushed to the big one with odds 100^2.
+       ``target_sharpen: likelihood`` sharpens the likelihood only, ``p ~ pi * L^2 * pi / f``
+       (odds 100, the posterior's own); the USPS configs set it (README, flagship).
     3. *OOD score* in ``R``'s feature space, debiased by cardinality (``ood_score: knn``, the
        default): for each ``k`` of ``ood_neighbours`` (1, 2, 4, ..., 128) the distance to the
        ``k``-th nearest training feature, divided by the median of that distance over the training
@@ -226,6 +239,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         target_power: sharpening exponent of the self-training target (1: none; with a batch that uses
             each cluster as often as its running cardinality says, the target is then ``q``). Probed
             at 1 on USPS and Fashion-MNIST, not adopted (README, flagship).
+        target_sharpen: what ``target_power`` sharpens: ``posterior`` (``q``, which holds the
+            cardinality prior, so the prior counts ``target_power`` times) or ``likelihood`` (the
+            prior counts once; :func:`debiased_target`'s ``q_prior``).
         debias_strength: exponent of the cardinality weights of ``R``'s reconstruction loss.
         debias_views: weigh ``R``'s contrast loss of the view pairs by the same cardinality weights
             (item 4; needs view pairs: ``neighbours`` or ``augment``): both rows of a sample's pair
@@ -356,6 +372,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         pretrain_epochs: int = 10,
         momentum: float = 0.9,
         target_power: float = 2.0,
+        target_sharpen: Literal["posterior", "likelihood"] = "posterior",
         debias_strength: float = 0.5,
         debias_views: bool = False,
         use_variance: bool = True,
@@ -458,6 +475,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self._ood_fit_step: int | None = None  # training step at which the OOD statistics were fitted
         self.pretrain_epochs = pretrain_epochs
         self.target_power = target_power
+        if target_sharpen not in ("posterior", "likelihood"):
+            raise ClusterlightError(f"target_sharpen must be posterior or likelihood, got {target_sharpen!r}")
+        self.target_sharpen = target_sharpen
         self.debias_strength = debias_strength
         self.debias_views = bool(debias_views)
         self.use_variance = use_variance
@@ -566,6 +586,10 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             var = torch.ones_like(var)
         prior = self.spb_c.prior() if self.use_cardinality else torch.full_like(self.spb_c.count, 1.0 / self.num_clusters)
         return mean, var, prior
+
+    def _sharpened_prior(self, prior: Tensor) -> Tensor | None:
+        """The mixing weights to take out of ``q`` before sharpening (``target_sharpen: likelihood``)."""
+        return prior if self.target_sharpen == "likelihood" else None
 
     def _posterior(self, z_c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mean, var, prior = self._mixture()
@@ -880,7 +904,8 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         log_q, _, prior = self._posterior(z_c)
         q = log_q.exp()
         target = debiased_target(q.detach(), prior if self.use_cardinality else None, self.target_power,
-                                 freq=self.global_batch_sum(q.detach().sum(0)))  # f of the global batch
+                                 freq=self.global_batch_sum(q.detach().sum(0)),  # f of the global batch
+                                 q_prior=self._sharpened_prior(prior))
         cluster_loss = (target * (target.clamp_min(1e-12).log() - log_q)).sum(1).mean()
         embed_loss = self._embedding_loss(z_c, index)
         self._step(opt_c, cluster_loss + self.distill_weight * embed_loss + self._touch(*self._r_modules()))
@@ -1159,5 +1184,6 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if not bool(self.clustering_started):
             return torch.tensor(float("inf"), device=images.device)
         log_q, _, prior = self._posterior(self.embed(images))
-        target = debiased_target(log_q.exp(), prior if self.use_cardinality else None, self.target_power)
+        target = debiased_target(log_q.exp(), prior if self.use_cardinality else None, self.target_power,
+                                 q_prior=self._sharpened_prior(prior))
         return (target * (target.clamp_min(1e-12).log() - log_q)).sum(1).mean()
