@@ -228,3 +228,29 @@ def test_tail_probe_routes_by_hand() -> None:
     # matching: cluster 0 -> class 0 (2 images), cluster 1 -> class 1 (2 of its 3); class 2 gets none
     assert [(r["n"], r["train_top"], r["cluster"], r["cluster_largest_class"], r["recall"]) for r in table] == [
         (2, 1.0, 0, 0, 1.0), (2, 0.5, 0, 0, round(2 / 3, 3)), (2, 0.5, 0, 0, 0.0)]
+
+
+def test_feature_probe_nearest_centre_against_scipy() -> None:
+    """``scripts/feature_probe.py``'s test assignment against scipy's distances."""
+    from scipy.spatial.distance import cdist
+
+    mod = _script("feature_probe")
+    rng = np.random.default_rng(11)
+    x, centres = rng.normal(size=(500, 6)), rng.normal(size=(7, 6))
+    ours = mod.nearest_centre(torch.from_numpy(x).float(), torch.from_numpy(centres).float()).numpy()
+    np.testing.assert_array_equal(ours, cdist(x, centres).argmin(1))
+
+
+def test_feature_probe_scores_by_hand() -> None:
+    """``scripts/feature_probe.py``'s summary and tail recalls on a hand-made case: three classes, three clusters."""
+    mod = _script("feature_probe")
+    # training counts: class 2 the fewest, then class 0, then class 1 (tail: class 2 alone, g = 1)
+    counts = [5, 9, 2]
+    # cluster 0 holds three class-0 images and one class-2 image; cluster 1 two class-1 images;
+    # cluster 2 one class-2 and one class-0 image
+    pred = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    target = np.array([0, 0, 0, 2, 1, 1, 2, 0])
+    summary, tail = mod.scores(pred, target, counts, 3)
+    # matching 0->0, 1->1, 2->2: 3 + 2 + 1 of 8 right; class 2's recall 1 of 2
+    assert summary[:2] == [round(6 / 8, 3), 0.5]
+    assert tail == [0.5]
