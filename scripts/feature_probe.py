@@ -29,7 +29,13 @@ import torch
 
 from clusterlight.bench import load_run
 from clusterlight.cluster.kmeans import kmeans
-from clusterlight.metrics import _groups, group_accuracy, matched_accuracy, normalized_mutual_info, per_class_recall
+from clusterlight.metrics import (
+    _groups,
+    group_accuracy,
+    matched_accuracy,
+    normalized_mutual_info,
+    per_class_recall,
+)
 
 
 def nearest_centre(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
@@ -61,10 +67,10 @@ def features(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor
 def probe(run: Path, n_init: int, seed: int) -> dict:
     data, model = load_run(run)
     train, test = data.split_dataset("train"), data.split_dataset("test")
-    if hasattr(model, "_fit_ood_statistics"):  # the flagship's bank of training features, as its test refits it
-        model._fit_ood_statistics(features(model, train.images)[0].float())
     counts, k = [int(c) for c in data.train_class_counts], model.num_clusters
     z_train, _ = features(model, train.images)
+    if hasattr(model, "_fit_ood_statistics"):  # the flagship's bank of training features, as its test refits it
+        model._fit_ood_statistics(z_train.float())
     z_test, own = features(model, test.images)
     mean, std = z_train.mean(0), z_train.std(0) + 1e-6
     centres = kmeans((z_train - mean) / std, k, n_init=n_init, seed=seed).centers
