@@ -56,6 +56,18 @@ def test_theta_is_the_hand_computed_rotation_scale_and_shift() -> None:
         affine_theta(torch.zeros(3, 3), 1.0)
 
 
+def test_parts_leave_the_other_components_at_the_identity() -> None:
+    u = torch.tensor([[1.0, 0.0, 0.75, 0.25]])  # +15 deg at strength 1, scale 0.85, shift (+0.075, -0.075)
+    c, s = math.cos(math.radians(30)), math.sin(math.radians(30))
+    # strength 2: rotation only, scale only, shift only, rotation and shift
+    torch.testing.assert_close(affine_theta(u, 2.0, parts=("rotation",))[0], torch.tensor([[c, -s, 0.0], [s, c, 0.0]]))
+    torch.testing.assert_close(affine_theta(u, 2.0, parts=("scale",))[0], torch.tensor([[1 / 0.7, 0.0, 0.0], [0.0, 1 / 0.7, 0.0]]))
+    torch.testing.assert_close(affine_theta(u, 2.0, parts=("shift",))[0], torch.tensor([[1.0, 0.0, 0.15], [0.0, 1.0, -0.15]]))
+    torch.testing.assert_close(affine_theta(u, 2.0, parts=("shift", "rotation"))[0], torch.tensor([[c, -s, 0.15], [s, c, -0.15]]))
+    with pytest.raises(ValueError, match="unknown affine parts"):
+        affine_theta(u, 1.0, parts=("shear",))
+
+
 def test_integer_pixel_shift_moves_the_content_and_fills_zeros() -> None:
     images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     # a horizontal shift of 2 pixels: 4 / W in normalised coordinates = 0.15 * 2 * (2u - 1)

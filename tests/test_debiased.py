@@ -581,9 +581,9 @@ def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: 
     calls = []
     original = debiased.random_affine
 
-    def spy(images, u, strength):
-        out = original(images, u, strength)
-        calls.append((images.detach().clone(), u.detach().clone(), strength, out.detach().clone()))
+    def spy(images, u, strength, parts):
+        out = original(images, u, strength, parts)
+        calls.append((images.detach().clone(), u.detach().clone(), strength, out.detach().clone(), parts))
         return out
 
     monkeypatch.setattr(debiased, "random_affine", spy)
@@ -596,7 +596,8 @@ def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: 
     steps = cli.trainer.global_step // 2  # two optimizers after pretraining, one before: at least this many
     assert len(calls) >= steps > 0
     train_images = torch.stack([cli.datamodule.train_dataset[i]["image"] for i in range(len(cli.datamodule.train_dataset))])
-    for images, u, strength, out in calls:
+    for images, u, strength, out, parts in calls:
+        assert parts == ("rotation", "scale", "shift")  # all three unless augment_parts says otherwise
         assert strength == 1.0 and u.shape == (len(images), 4) and float(u.min()) >= 0 and float(u.max()) < 1
         # the view is the batch's own images (rows of the training split), and the warp changed them
         assert all(bool((train_images == img).flatten(1).all(1).any()) for img in images)
@@ -606,6 +607,13 @@ def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: 
     for bad in (-0.5, 5.0, True, "strong"):
         with pytest.raises(ValueError, match="augment must be"):
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment=bad)
+    assert DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment=1.0,
+                              augment_parts=["shift", "rotation"]).augment_parts == ("shift", "rotation")
+    with pytest.raises(ValueError, match="augment_parts needs augment > 0"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment_parts=["shift"])
+    for bad in ([], ["shift", "shift"], ["shear"]):
+        with pytest.raises(ValueError, match="augment_parts must be distinct names"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment=1.0, augment_parts=bad)
     with pytest.raises(ValueError, match="ood_scaling must be"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_scaling="local")
     for bad in (0, -3, 2.5, True):

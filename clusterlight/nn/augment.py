@@ -12,16 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["affine_theta", "random_affine", "warp"]
+__all__ = ["PARTS", "affine_theta", "random_affine", "warp"]
 
 #: At ``strength`` 1: rotation up to 15 degrees either way, scale 0.85 to 1.15, shift up to 7.5 %
 #: of the width and of the height either way.
 MAX_ROTATION_DEG = 15.0
 MAX_SCALE = 0.15
 MAX_SHIFT = 0.15  # in grid_sample's normalised coordinates (the image spans [-1, 1])
+#: The components of the map, in the order of the columns of ``u`` (shift covers the last two).
+PARTS = ("rotation", "scale", "shift")
 
 
-def affine_theta(u: Tensor, strength: float, size: tuple[int, int] = (1, 1)) -> Tensor:
+def affine_theta(u: Tensor, strength: float, size: tuple[int, int] = (1, 1), parts: tuple[str, ...] = PARTS) -> Tensor:
     """``(B, 2, 3)`` sampling matrices from ``u`` ``(B, 4)`` (uniform draws in ``[0, 1)``).
 
     Columns of ``u``: rotation, scale, horizontal and vertical shift, each mapped to
@@ -30,12 +32,17 @@ def affine_theta(u: Tensor, strength: float, size: tuple[int, int] = (1, 1)) -> 
     is rotated by the angle, magnified by the scale factor and moved by minus the shift (a
     fraction of the width and of the height). ``size`` is the images' ``(height, width)``:
     normalised coordinates stretch the shorter side, so the rotation's off-diagonal terms carry
-    the aspect ratio to stay a rigid rotation in pixels.
+    the aspect ratio to stay a rigid rotation in pixels. ``parts`` names the components drawn
+    (of :data:`PARTS`); the others stay at the identity (their columns of ``u`` are not read).
     """
     if u.ndim != 2 or u.shape[1] != 4:
         raise ValueError(f"u must have shape (B, 4), got {tuple(u.shape)}")
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown affine parts {unknown}; choose from {list(PARTS)}")
     aspect = float(size[0]) / float(size[1])  # H / W
-    v = (2.0 * u.float() - 1.0) * strength
+    keep = torch.tensor([p in parts for p in ("rotation", "scale", "shift", "shift")], dtype=torch.float32, device=u.device)
+    v = (2.0 * u.float() - 1.0) * strength * keep
     angle = v[:, 0] * math.radians(MAX_ROTATION_DEG)
     scale = 1.0 + v[:, 1] * MAX_SCALE
     tx, ty = v[:, 2] * MAX_SHIFT, v[:, 3] * MAX_SHIFT
@@ -56,8 +63,8 @@ def warp(images: Tensor, theta: Tensor) -> Tensor:
     return out.to(images.dtype)
 
 
-def random_affine(images: Tensor, u: Tensor, strength: float) -> Tensor:
+def random_affine(images: Tensor, u: Tensor, strength: float, parts: tuple[str, ...] = PARTS) -> Tensor:
     """``images`` under the random affine maps of :func:`affine_theta` (``strength`` 0: unchanged)."""
     if strength == 0:
         return images
-    return warp(images, affine_theta(u, strength, tuple(images.shape[-2:])))
+    return warp(images, affine_theta(u, strength, tuple(images.shape[-2:]), parts))
