@@ -105,18 +105,21 @@ def test_feature_mahalanobis_ood_score_matches_scipy() -> None:
     np.testing.assert_allclose(got, np.min(dists, 0) / 5, rtol=1e-3)
 
 
-@pytest.mark.parametrize(("scaling", "metric", "local"), [("cluster", "euclidean", 0.0), ("global", "euclidean", 0.0),
-                                                        ("cluster", "cosine", 0.0), ("global", "cosine", 0.0),
-                                                        ("global", "euclidean", 0.5), ("cluster", "cosine", 1.0),
-                                                        ("neighbours", "euclidean", 0.0), ("neighbours", "cosine", 0.5)])
-def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str, local: float) -> None:
+@pytest.mark.parametrize(("scaling", "metric", "local", "given"),
+                         [("cluster", "euclidean", 0.0, [1, 3, 8]), ("global", "euclidean", 0.0, [1, 3, 8]),
+                          ("cluster", "cosine", 0.0, [1, 3, 8]), ("global", "cosine", 0.0, [1, 3, 8]),
+                          ("global", "euclidean", 0.5, [1, 3, 8]), ("cluster", "cosine", 1.0, [1, 3, 8]),
+                          ("neighbours", "euclidean", 0.0, [1, 3, 8]), ("neighbours", "cosine", 0.5, [1, 3, 8]),
+                          ("neighbours", "euclidean", 0.0, [0.09, 3, 0.011]), ("cluster", "euclidean", 0.5, [0.09, 0.03, 1])])
+def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str, local: float, given: list) -> None:
     """``ood_score: knn``: mean over k of log(k-th neighbour distance / its cluster's median) -- or,
     with ``ood_scaling: global``, the median over all training samples -- against scikit-learn's
     NearestNeighbors and numpy medians. ``ood_metric: cosine``: scikit-learn's cosine distances
     ``d``, as the chord length ``sqrt(2 d)`` between unit vectors. ``ood_local_weight``: minus that
     weight times the mean training score (itself excluded) of the 5 nearest training samples.
     ``ood_scaling: neighbours``: the scale is the geometric mean of the cluster medians of the 6
-    nearest training samples (a training sample's own match excluded), not of its own cluster."""
+    nearest training samples (a training sample's own match excluded), not of its own cluster.
+    Fractions of the 90 training samples: 0.09 is 8 neighbours, 0.03 is 3 and 0.011 is 1."""
     from sklearn.neighbors import NearestNeighbors
 
     from clusterlight.methods import DebiasedClustering
@@ -124,7 +127,7 @@ def test_knn_ood_score_matches_sklearn_neighbours(scaling: str, metric: str, loc
     rng = np.random.default_rng(7)
     ks = [1, 3, 8]
     model = DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), latent_dim=4, widths=[8, 8],
-                               ood_score="knn", ood_neighbours=ks, ood_scaling=scaling, ood_metric=metric,
+                               ood_score="knn", ood_neighbours=given, ood_scaling=scaling, ood_metric=metric,
                                reject_quantile=0.8, ood_local_weight=local, ood_local_neighbours=5,
                                ood_scale_neighbours=6)
     x = rng.normal(size=(90, 4)) * rng.uniform(0.5, 2.0, 4)
@@ -414,6 +417,10 @@ def test_checkpoint_loads_with_other_neighbour_views_and_ood_neighbours(tmp_path
     same_ks = DebiasedClustering(**small, ood_neighbours=[1, 2, 4])
     same_ks.load_state_dict(state)
     assert torch.equal(same_ks.ood_bank, state["ood_bank"])  # same list: the saved bank is kept
+    # as many entries but other ones (a fraction of the split for the count 4): emptied likewise
+    other_ks = DebiasedClustering(**small, ood_neighbours=[1, 2, 0.1])
+    other_ks.load_state_dict(state)
+    assert other_ks.ood_bank.shape[0] == 0 and other_ks.ood_scale.shape == (3, 10)
     # scales made per cluster, loaded with ood_scaling global: emptied, to be recomputed
     other_scaling = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_scaling="global")
     other_scaling.load_state_dict(state)
@@ -469,7 +476,7 @@ def test_checkpoint_loads_with_other_neighbour_views_and_ood_neighbours(tmp_path
     # scores): per cluster, Euclidean, uncorrected, kept by the defaults
     old = {k: v for k, v in state.items()
            if k not in ("ood_scaling_global", "ood_metric_cosine", "ood_local_setting", "ood_bank_scores",
-                        "ood_scale_setting", "ood_bank_cluster")}
+                        "ood_scale_setting", "ood_bank_cluster", "ood_neighbours_setting")}
     before = DebiasedClustering(**small, ood_neighbours=[1, 2, 4])
     before.load_state_dict(old)
     assert torch.equal(before.ood_scale, state["ood_scale"])
@@ -627,6 +634,11 @@ def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: 
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_local_neighbours=bad)
     with pytest.raises(ValueError, match="ood_metric must be"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_metric="manhattan")
+    for bad in ([], [0], [4, 1.0], [0.0], [-0.2], [True], [2.5], ["8"]):
+        with pytest.raises(ValueError, match=r"ood_neighbours must be a non-empty list of positive integers \(counts\)"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_neighbours=bad)
+    assert DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_neighbours=[0.1, 64, 0.02, 8]).ood_neighbours \
+        == [8, 64, 0.02, 0.1]
     assert DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16)).projector is None  # off by default
 
 

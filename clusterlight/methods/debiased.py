@@ -90,6 +90,13 @@ def _check_positive_int(name: str, value: Any, note: str = "") -> None:
         raise ClusterlightError(f"{name} must be a positive integer{note}, got {value!r}")
 
 
+def _is_count_or_fraction(k: Any) -> bool:
+    """An integer >= 1 (a count) or a float in (0, 1) (a fraction); ``True`` is neither."""
+    if isinstance(k, bool):
+        return False
+    return (isinstance(k, int) and k >= 1) or (isinstance(k, float) and 0.0 < k < 1.0)
+
+
 def _median(x: Tensor) -> Tensor:
     """numpy's median over dim 0 (the mean of the two middle values for an even count)."""
     s = x.sort(0).values
@@ -312,7 +319,10 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             ``nll`` (``C``'s mixture).
         ood_shrinkage: shrinkage of the clusters' full covariances towards their mean variance (0 to 1).
         ood_neighbours: the numbers of neighbours whose distances make ``ood_score: knn`` (each
-            capped at the number of training images minus one).
+            capped at the number of training images minus one). An entry in (0, 1) is a fraction
+            of the training split (rounded, at least 1): the same setting then reaches as far into
+            the data at every budget (``0.05`` is 185 neighbours of the 3,696 training images of
+            Fashion-MNIST ``lt10_ood`` at the ``fast`` budget, 998 of its 19,969 at ``paper``).
         ood_scaling: the divisor of each ``k``-NN distance in ``ood_score: knn``: ``cluster``, the
             median over the training samples of the sample's cluster (item 3); ``neighbours``, the
             geometric mean of those medians over the clusters of the sample's
@@ -386,7 +396,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         cotrain: bool = True,
         ood_score: Literal["knn", "full_mahalanobis", "mahalanobis", "nll"] = "knn",
         ood_shrinkage: float = 0.01,
-        ood_neighbours: list[int] = [1, 2, 4, 8, 16, 32, 64, 128],  # noqa: B006
+        ood_neighbours: list[int | float] = [1, 2, 4, 8, 16, 32, 64, 128],  # noqa: B006
         ood_scaling: Literal["cluster", "global", "neighbours"] = "cluster",
         ood_scale_neighbours: int = 100,
         ood_metric: Literal["euclidean", "cosine"] = "euclidean",
@@ -426,10 +436,11 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             raise ClusterlightError(f"reject_quantile must be in (0, 1) or null, got {reject_quantile}")
         if ood_score not in OOD_SCORES:
             raise ClusterlightError(f"ood_score must be one of {', '.join(OOD_SCORES)}, got {ood_score!r}")
-        if isinstance(ood_neighbours, int):
+        if isinstance(ood_neighbours, (int, float)) and not isinstance(ood_neighbours, bool):
             ood_neighbours = [ood_neighbours]
-        if not ood_neighbours or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ood_neighbours):
-            raise ClusterlightError(f"ood_neighbours must be a non-empty list of positive integers, got {ood_neighbours!r}")
+        if not ood_neighbours or not all(_is_count_or_fraction(k) for k in ood_neighbours):
+            raise ClusterlightError("ood_neighbours must be a non-empty list of positive integers (counts) or numbers "
+                                    f"in (0, 1) (fractions of the training split), got {ood_neighbours!r}")
         if not 0.0 <= ood_shrinkage <= 1.0:
             raise ClusterlightError(f"ood_shrinkage must be in [0, 1], got {ood_shrinkage}")
         self.automatic_optimization = False
@@ -443,7 +454,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         # whole training split, never updated per batch)
         self.spb_ood = StatisticsPooling(k, latent_dim, full_covariance=True)
         self.ood_shrinkage = ood_shrinkage
-        self.ood_neighbours = sorted(set(ood_neighbours))
+        # counts first, then fractions, each in increasing order (a fraction's count is known once the
+        # training split is: _ks)
+        self.ood_neighbours = sorted(set(ood_neighbours), key=lambda k: (isinstance(k, float), k))
         if ood_scaling not in ("cluster", "global", "neighbours"):
             raise ClusterlightError(f"ood_scaling must be 'cluster', 'global' or 'neighbours', got {ood_scaling!r}")
         self.ood_scaling = ood_scaling
@@ -464,6 +477,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         # neighbours (0 with the other scalings): likewise
         self.register_buffer("ood_scale_setting",
                              torch.tensor(float(self.ood_scale_neighbours) if ood_scaling == "neighbours" else 0.0))
+        # and the ood_neighbours (counts and fractions) the saved scales were made with: likewise (a
+        # list of the same length but other values has scales of the same shape)
+        self.register_buffer("ood_neighbours_setting", torch.tensor([float(v) for v in self.ood_neighbours], dtype=torch.float64))
         # and which metric made the saved bank (unit-length features for cosine): likewise
         self.register_buffer("ood_metric_cosine", torch.tensor(ood_metric == "cosine"))
         # and the local correction the saved training scores (reject threshold) were made with:
@@ -701,8 +717,14 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         return max(1, min(self.ood_scale_neighbours, n_train - 1)) if self.ood_scaling == "neighbours" else 0
 
     def _ks(self, n_train: int) -> list[int]:
-        """``ood_neighbours``, each capped at ``n_train - 1`` (the most neighbours a training sample has)."""
-        return [max(1, min(k, n_train - 1)) for k in self.ood_neighbours]
+        """``ood_neighbours`` as counts for a bank of ``n_train`` samples, in increasing order.
+
+        A fraction ``f`` is ``round(f * n_train)`` neighbours (at least 1); every count is capped at
+        ``n_train - 1`` (the most neighbours a training sample has). Counts that coincide are kept
+        (the list keeps its length, that of ``ood_scale``'s first axis) and weigh in the mean as often.
+        """
+        ks = [round(k * n_train) if isinstance(k, float) else k for k in self.ood_neighbours]
+        return sorted(max(1, min(k, n_train - 1)) for k in ks)
 
     def _scaled_log_distances(self, kth: Tensor, cluster: Tensor, neighbours: Tensor) -> Tensor:
         """Mean over the ``k`` of ``log(d_k / scale_k)``, each ratio floored at 1e-3.
@@ -985,11 +1007,13 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                 del state_dict[key]
         # a bank, scales and training scores made with other OOD settings than the model's: recomputed.
         # A setting missing from the checkpoint (made before its option) reads as zero: cluster
-        # scaling, euclidean, no local correction, no neighbours' scales
-        for name in ("ood_scaling_global", "ood_metric_cosine", "ood_local_setting", "ood_scale_setting"):
+        # scaling, euclidean, no local correction, no neighbours' scales; ood_neighbours, unsaved before
+        # fractions, reads as the model's own (the shape check below compares their number, as then)
+        for name in ("ood_scaling_global", "ood_metric_cosine", "ood_local_setting", "ood_scale_setting",
+                     "ood_neighbours_setting"):
             mine = getattr(self, name)
-            saved = state_dict.get(prefix + name, torch.zeros_like(mine))
-            if not torch.equal(saved.float().cpu(), mine.float().cpu()):
+            saved = state_dict.get(prefix + name, mine if name == "ood_neighbours_setting" else torch.zeros_like(mine))
+            if saved.shape != mine.shape or not torch.equal(saved.double().cpu(), mine.double().cpu()):
                 self._drop_knn_bank(state_dict, prefix)
             state_dict[prefix + name] = mine.clone()
         # other ood_neighbours than the checkpoint's: the bank and scales are recomputed
