@@ -323,6 +323,8 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             of the training split (rounded, at least 1): the same setting then reaches as far into
             the data at every budget (``0.05`` is 185 neighbours of the 3,696 training images of
             Fashion-MNIST ``lt10_ood`` at the ``fast`` budget, 998 of its 19,969 at ``paper``).
+            The neighbour search refitted before every validation grows with k: on a large split
+            a fraction costs far more time and memory than a count (README, flagship).
         ood_scaling: the divisor of each ``k``-NN distance in ``ood_score: knn``: ``cluster``, the
             median over the training samples of the sample's cluster (item 3); ``neighbours``, the
             geometric mean of those medians over the clusters of the sample's
