@@ -481,7 +481,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                              torch.tensor(float(self.ood_scale_neighbours) if ood_scaling == "neighbours" else 0.0))
         # and the ood_neighbours (counts and fractions) the saved scales were made with: likewise (a
         # list of the same length but other values has scales of the same shape)
-        self.register_buffer("ood_neighbours_setting", torch.tensor([float(v) for v in self.ood_neighbours], dtype=torch.float64))
+        self.register_buffer("ood_neighbours_setting", torch.tensor([float(v) for v in self.ood_neighbours]))
         # and which metric made the saved bank (unit-length features for cosine): likewise
         self.register_buffer("ood_metric_cosine", torch.tensor(ood_metric == "cosine"))
         # and the local correction the saved training scores (reject threshold) were made with:
@@ -1015,7 +1015,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                      "ood_neighbours_setting"):
             mine = getattr(self, name)
             saved = state_dict.get(prefix + name, mine if name == "ood_neighbours_setting" else torch.zeros_like(mine))
-            if saved.shape != mine.shape or not torch.equal(saved.double().cpu(), mine.double().cpu()):
+            if saved.shape != mine.shape or not torch.equal(saved.cpu().float(), mine.cpu().float()):
                 self._drop_knn_bank(state_dict, prefix)
             state_dict[prefix + name] = mine.clone()
         # other ood_neighbours than the checkpoint's: the bank and scales are recomputed
