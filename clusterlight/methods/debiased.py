@@ -1015,7 +1015,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                      "ood_neighbours_setting"):
             mine = getattr(self, name)
             saved = state_dict.get(prefix + name, mine if name == "ood_neighbours_setting" else torch.zeros_like(mine))
-            if saved.shape != mine.shape or not torch.equal(saved.cpu().float(), mine.cpu().float()):
+            if not torch.equal(saved.cpu().float(), mine.cpu().float()):  # False for other shapes too
                 self._drop_knn_bank(state_dict, prefix)
             state_dict[prefix + name] = mine.clone()
         # other ood_neighbours than the checkpoint's: the bank and scales are recomputed
