@@ -68,6 +68,24 @@ def test_parts_leave_the_other_components_at_the_identity() -> None:
         affine_theta(u, 1.0, parts=("shear",))
 
 
+def test_per_component_strengths_are_the_hand_computed_map() -> None:
+    u = torch.tensor([[1.0, 0.0, 0.75, 0.25]])  # +15 deg at strength 1, scale 0.85, shift (+0.075, -0.075)
+    # rotation at strength 2 (30 degrees), scale at strength 3 (0.55), shift at strength 0.5 (0.0375)
+    c, s = math.cos(math.radians(30)) / 0.55, math.sin(math.radians(30)) / 0.55
+    torch.testing.assert_close(affine_theta(u, (2.0, 3.0, 0.5))[0],
+                               torch.tensor([[c, -s, 0.0375], [s, c, -0.0375]]))
+    # a component not drawn stays at the identity whatever its strength
+    torch.testing.assert_close(affine_theta(u, (2.0, 3.0, 0.5), parts=("scale",))[0],
+                               torch.tensor([[1 / 0.55, 0.0, 0.0], [0.0, 1 / 0.55, 0.0]]))
+    # three equal strengths are the one number, bit for bit
+    draws = torch.rand(20, 4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(affine_theta(draws, (2.0, 2.0, 2.0), (28, 20)), affine_theta(draws, 2.0, (28, 20)))
+    images = torch.rand(2, 1, 8, 8)
+    assert random_affine(images, torch.rand(2, 4), (0.0, 0.0, 0.0)) is images
+    with pytest.raises(ValueError, match="strength must be a number or 3 numbers"):
+        affine_theta(u, (1.0, 2.0))
+
+
 def test_integer_pixel_shift_moves_the_content_and_fills_zeros() -> None:
     images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     # a horizontal shift of 2 pixels: 4 / W in normalised coordinates = 0.15 * 2 * (2u - 1)

@@ -621,6 +621,18 @@ def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: 
     for bad in ([], ["shift", "shift"], ["shear"]):
         with pytest.raises(ValueError, match="augment_parts must be distinct names"):
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment=1.0, augment_parts=bad)
+    # per-component strengths: the others drawn keep augment; equal ones are the one number
+    assert DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment=3.0, augment_parts=["rotation", "scale"],
+                              augment_strengths={"rotation": 1.0}).augment_strength == (1.0, 3.0, 3.0)
+    assert DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment=2.0,
+                              augment_strengths={"scale": 2}).augment_strength == 2.0
+    assert DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment=2.0, augment_strengths={
+        "rotation": 0.0, "scale": 0.0, "shift": 0.0}).augment_strength == 0.0
+    with pytest.raises(ValueError, match="augment_strengths needs augment > 0"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment_strengths={"scale": 1.0})
+    for parts, bad in ((None, {"zoom": 1.0}), (None, {"scale": 4.5}), (None, {"scale": True}), (["scale"], {"shift": 1.0})):
+        with pytest.raises(ValueError, match="augment_strengths must map components drawn"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment=1.0, augment_parts=parts, augment_strengths=bad)
     with pytest.raises(ValueError, match="ood_scaling must be"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_scaling="local")
     for bad in (0, -3, 2.5, True):

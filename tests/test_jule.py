@@ -36,7 +36,9 @@ def _points(seed: int, n: int = 80, dim: int = 5) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------- kNN graph
 @pytest.mark.parametrize(("n", "dim", "k", "chunks"), [(300, 4, 7, (32, 50)), (257, 16, 20, (None, None)),
-                                                       (40, 3, 5, (7, 3)), (12, 2, 11, (5, 5))])
+                                                       (40, 3, 5, (7, 3)), (12, 2, 11, (5, 5)),
+                                                       # k over a quarter of the default column block: whole rows
+                                                       (1500, 8, 600, (None, None)), (1500, 8, 600, (100, None))])
 def test_knn_graph_matches_brute_force(n: int, dim: int, k: int, chunks: tuple) -> None:
     x = torch.randn(n, dim, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     idx, dist = knn_graph(x, k, chunk_size=chunks[0], col_chunk_size=chunks[1])

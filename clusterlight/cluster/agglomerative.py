@@ -116,7 +116,9 @@ def knn_graph(
         k: neighbours per point, ``1 <= k <= N - 1``.
         chunk_size: query rows per block (default 256 on CPU, where small blocks stay in cache,
             4096 on accelerators).
-        col_chunk_size: candidate columns per block (default 2048 on CPU, 16384 elsewhere).
+        col_chunk_size: candidate columns per block (default 2048 on CPU, 16384 elsewhere; when
+            ``k`` is over a quarter of that, all ``N`` columns, with ``chunk_size`` defaulting to
+            the rows of about 2**25 distances).
 
     Returns:
         ``(indices, distances)``: ``LongTensor[N, k]`` and the squared distances ``[N, k]``,
@@ -130,6 +132,11 @@ def knn_graph(
         raise ClusterlightError(f"k must be an integer in [1, N - 1] = [1, {max(n - 1, 0)}], got {k!r}")
     dev = x.device
     on_cpu = dev.type == "cpu"
+    if col_chunk_size is None and k > (2048 if on_cpu else 16384) // 4:
+        # many neighbours: merging a running top-k block by block costs more than one top-k per row
+        # over all columns, so take whole rows, as many as fit a buffer of about 2**25 distances
+        col_chunk_size = n
+        chunk_size = chunk_size or max(1, min(4096, 2 ** 25 // max(n, 1)))
     chunk_size = chunk_size or (256 if on_cpu else 4096)
     col_chunk_size = col_chunk_size or (2048 if on_cpu else 16384)
     if chunk_size < 1 or col_chunk_size < 1:

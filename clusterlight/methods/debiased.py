@@ -365,6 +365,10 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             all three when unset; the others stay at the identity). Needs ``augment`` > 0. On
             Fashion-MNIST (``fast``) ``[scale]`` raised ACC and tail ACC on most splits and lowered
             the OOD AUROC; no config sets it (README, flagship).
+        augment_strengths: a strength per component, overriding ``augment`` for the components
+            named (e.g. ``{scale: 3, rotation: 1}``; each in [0, 4]); the others drawn keep
+            ``augment``. Needs ``augment`` > 0; a component left out by ``augment_parts`` cannot be
+            named. No config sets it (README, flagship).
         contrast_weight: weight of the NT-Xent loss of the view pairs (neighbours and/or augmented copies) in ``R``'s loss.
         contrast_temperature: NT-Xent temperature.
         projection_dim: output size of ``R``'s projection head for the NT-Xent loss.
@@ -424,6 +428,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         mutual_neighbours: bool = False,
         augment: float = 0.0,
         augment_parts: list[str] | None = None,
+        augment_strengths: dict[str, float] | None = None,
         contrast_weight: float = 1.0,
         contrast_temperature: float = 0.5,
         projection_dim: int = 64,
@@ -572,6 +577,17 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             if not augment_parts or len(set(augment_parts)) != len(augment_parts) or not set(augment_parts) <= set(AFFINE_PARTS):
                 raise ClusterlightError(f"augment_parts must be distinct names of {list(AFFINE_PARTS)}, got {augment_parts!r}")
         self.augment_parts = tuple(augment_parts) if augment_parts is not None else AFFINE_PARTS
+        strengths = dict(augment_strengths or {})
+        if augment_strengths is not None:
+            if self.augment == 0:
+                raise ClusterlightError("augment_strengths needs augment > 0")
+            if not set(strengths) <= set(self.augment_parts) or any(
+                    isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 4.0 for v in strengths.values()):
+                raise ClusterlightError(f"augment_strengths must map components drawn ({list(self.augment_parts)}) "
+                                        f"to numbers in [0, 4], got {augment_strengths!r}")
+        # one number when every component has the same strength: the draws are then those made before the option
+        per_part = tuple(float(strengths.get(p, self.augment)) for p in AFFINE_PARTS)
+        self.augment_strength: float | tuple[float, ...] = per_part[0] if len(set(per_part)) == 1 else per_part
         # neighbour views for R (pixel-space kNN table, recomputed at every fit start); with them or
         # with augment, R has a projection head for the contrast loss
         self._init_neighbours(neighbours, mutual=mutual_neighbours)
@@ -855,7 +871,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             # a sample gets the same view whatever the number of processes
             n = len(self._datamodule().train_dataset)
             u = torch.rand((n, 4), generator=self.batch_generator(batch_idx, "augment"), device=self.device)
-            view = random_affine(view, u[index.to(self.device)], self.augment, self.augment_parts)
+            view = random_affine(view, u[index.to(self.device)], self.augment_strength, self.augment_parts)
         first = images
         if self.rotation_negatives:  # shifted instances: rotated pairs, negatives of the upright ones
             first = torch.cat([images] + [torch.rot90(images, r, (2, 3)) for r in (1, 2, 3)])

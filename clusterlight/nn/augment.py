@@ -7,6 +7,7 @@ with its own generator: the same view of a sample whatever the number of process
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ MAX_SHIFT = 0.15  # in grid_sample's normalised coordinates (the image spans [-1
 PARTS = ("rotation", "scale", "shift")
 
 
-def affine_theta(u: Tensor, strength: float, size: tuple[int, int] = (1, 1), parts: tuple[str, ...] = PARTS) -> Tensor:
+def affine_theta(u: Tensor, strength: float | Sequence[float], size: tuple[int, int] = (1, 1),
+                 parts: tuple[str, ...] = PARTS) -> Tensor:
     """``(B, 2, 3)`` sampling matrices from ``u`` ``(B, 4)`` (uniform draws in ``[0, 1)``).
 
     Columns of ``u``: rotation, scale, horizontal and vertical shift, each mapped to
@@ -34,6 +36,7 @@ def affine_theta(u: Tensor, strength: float, size: tuple[int, int] = (1, 1), par
     normalised coordinates stretch the shorter side, so the rotation's off-diagonal terms carry
     the aspect ratio to stay a rigid rotation in pixels. ``parts`` names the components drawn
     (of :data:`PARTS`); the others stay at the identity (their columns of ``u`` are not read).
+    ``strength`` is one number for every component or three, in the order of :data:`PARTS`.
     """
     if u.ndim != 2 or u.shape[1] != 4:
         raise ValueError(f"u must have shape (B, 4), got {tuple(u.shape)}")
@@ -42,7 +45,13 @@ def affine_theta(u: Tensor, strength: float, size: tuple[int, int] = (1, 1), par
         raise ValueError(f"unknown affine parts {unknown}; choose from {list(PARTS)}")
     aspect = float(size[0]) / float(size[1])  # H / W
     keep = torch.tensor([p in parts for p in ("rotation", "scale", "shift", "shift")], dtype=torch.float32, device=u.device)
-    v = (2.0 * u.float() - 1.0) * strength * keep
+    if isinstance(strength, (int, float)):
+        v = (2.0 * u.float() - 1.0) * strength * keep
+    else:
+        if len(strength) != len(PARTS):
+            raise ValueError(f"strength must be a number or {len(PARTS)} numbers ({', '.join(PARTS)}), got {strength!r}")
+        per = torch.tensor([strength[0], strength[1], strength[2], strength[2]], dtype=torch.float32, device=u.device)
+        v = (2.0 * u.float() - 1.0) * (per * keep)
     angle = v[:, 0] * math.radians(MAX_ROTATION_DEG)
     scale = 1.0 + v[:, 1] * MAX_SCALE
     tx, ty = v[:, 2] * MAX_SHIFT, v[:, 3] * MAX_SHIFT
@@ -63,8 +72,8 @@ def warp(images: Tensor, theta: Tensor) -> Tensor:
     return out.to(images.dtype)
 
 
-def random_affine(images: Tensor, u: Tensor, strength: float, parts: tuple[str, ...] = PARTS) -> Tensor:
+def random_affine(images: Tensor, u: Tensor, strength: float | Sequence[float], parts: tuple[str, ...] = PARTS) -> Tensor:
     """``images`` under the random affine maps of :func:`affine_theta` (``strength`` 0: unchanged)."""
-    if strength == 0:
+    if (strength == 0) if isinstance(strength, (int, float)) else not any(strength):
         return images
     return warp(images, affine_theta(u, strength, tuple(images.shape[-2:]), parts))
