@@ -162,6 +162,17 @@ def test_scaling_umap_steps(tmp_path: Path) -> None:
     assert debiased["nmi"] > 0.9
 
 
+def test_bench_knn_graph_smallest_mode() -> None:
+    """``scripts/bench_knn_graph.py`` runs and reports both paths agreeing (k = 600 > 512 takes whole rows)."""
+    out = _run("bench_knn_graph.py", "--sizes", "700", "--ks", "20", "600", "--dim", "4")
+    lines = [line for line in out.splitlines() if line.startswith("N=700")]
+    assert [line.split(":")[0] for line in lines] == ["N=700 k=20", "N=700 k=600"]
+    for line in lines:
+        diff = float(line.split("max |d - d0| ")[1].split(",")[0])
+        same = float(line.split("same entries ")[1])
+        assert diff < 1e-4 and same > 0.99
+
+
 def test_knn_purity_against_scikit_learn() -> None:
     """``scripts/knn_purity.py``'s neighbour agreement against scikit-learn's exact neighbours."""
     from sklearn.neighbors import NearestNeighbors
