@@ -585,7 +585,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                     isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 4.0 for v in strengths.values()):
                 raise ClusterlightError(f"augment_strengths must map components drawn ({list(self.augment_parts)}) "
                                         f"to numbers in [0, 4], got {augment_strengths!r}")
-        # one number when every component has the same strength: the draws are then those made before the option
+        # one number when every component has the same strength: the maps are then those made before the option, bit for bit
         per_part = tuple(float(strengths.get(p, self.augment)) for p in AFFINE_PARTS)
         self.augment_strength: float | tuple[float, ...] = per_part[0] if len(set(per_part)) == 1 else per_part
         # neighbour views for R (pixel-space kNN table, recomputed at every fit start); with them or
