@@ -132,9 +132,10 @@ def knn_graph(
         raise ClusterlightError(f"k must be an integer in [1, N - 1] = [1, {max(n - 1, 0)}], got {k!r}")
     dev = x.device
     on_cpu = dev.type == "cpu"
-    if col_chunk_size is None and k > (2048 if on_cpu else 16384) // 4:
-        # many neighbours: merging a running top-k block by block costs more than one top-k per row
-        # over all columns, so take whole rows, as many as fit a buffer of about 2**25 distances
+    # many neighbours: merging a running top-k block by block costs more than one top-k per row
+    # over all columns, so take whole rows, as many as fit a buffer of about 2**25 distances
+    whole_rows = col_chunk_size is None and k > (2048 if on_cpu else 16384) // 4
+    if whole_rows:
         col_chunk_size = n
         chunk_size = chunk_size or max(1, min(4096, 2 ** 25 // max(n, 1)))
     chunk_size = chunk_size or (256 if on_cpu else 4096)
@@ -150,7 +151,7 @@ def knn_graph(
     rows_max, cols_max = min(chunk_size, n), min(col_chunk_size, n)
     buf = torch.empty(rows_max * cols_max, dtype=x.dtype, device=dev)
     # numpy's compare + flatnonzero is several times faster than torch's nonzero on CPU
-    mask = np.empty(rows_max * cols_max, dtype=bool) if on_cpu else \
+    mask = None if whole_rows else np.empty(rows_max * cols_max, dtype=bool) if on_cpu else \
         torch.empty(rows_max * cols_max, dtype=torch.bool, device=dev)
     out_i = torch.empty(n, k, dtype=torch.long, device=dev)
     out_d = torch.empty(n, k, dtype=x.dtype, device=dev)
@@ -169,7 +170,9 @@ def knn_graph(
             if lo < hi:  # the block holds the diagonal: exclude each point itself
                 diag = torch.arange(lo, hi, device=dev)
                 d[diag - s, diag - t] = math.inf
-            if filled < k:  # too few columns seen for a threshold yet: plain top-k merge
+            if whole_rows:  # the one block holds every column: its top-k is the answer
+                best_d, best_i = torch.topk(d, k, dim=1, largest=False, sorted=True)
+            elif filled < k:  # too few columns seen for a threshold yet: plain top-k merge
                 kk = min(k, c)
                 vals, idx = torch.topk(d, kk, dim=1, largest=False, sorted=True)
                 cat_d, cat_i = torch.cat([best_d, vals], 1), torch.cat([best_i, idx + t], 1)
