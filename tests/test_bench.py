@@ -143,6 +143,20 @@ def test_readme_report_replaces_only_between_markers(tmp_path) -> None:
         bench.main(["report", str(tmp_path / "missing.jsonl")])
 
 
+def test_report_links_the_figure_relative_to_the_page(tmp_path, monkeypatch) -> None:
+    """A page in docs/ links ../results/fig.png; a Markdown file beside the figure links fig.png."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "docs").mkdir()
+    Path("results/r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    Path("docs/page.md").write_text(f"{bench.README_BEGIN}\n{bench.README_END}\n")
+    argv = ["report", "results/r.jsonl", "--figure", "results/fig.png"]
+    assert bench.main([*argv, "--readme", "docs/page.md", "--markdown", "results/table.md"]) == 0
+    assert "](../results/fig.png)" in Path("docs/page.md").read_text()
+    assert "--figure results/fig.png --readme docs/page.md`" in Path("docs/page.md").read_text()
+    assert Path("results/table.md").read_text().rstrip().endswith("](fig.png)")
+
+
 def test_report_flags_fast_far_below_paper() -> None:
     records = _records()
     paper = [dict(r, budget="paper", acc=r["acc"] + 0.2) for r in records if r["method"] == "dec"]

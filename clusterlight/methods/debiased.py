@@ -142,14 +142,14 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        ``2 * kmeans_n_init`` starts, a label-free choice), so a small tight cluster keeps its points
        next to a big spread one and an elongated class is not cut in two the way k-means cuts it
        (USPS, ``fast`` budget: ACC 0.846 +- 0.009 over three seeds against 0.766 +- 0.067 with
-       k-means and a diagonal EM, ``init_partition: kmeans``; README, Results).
+       k-means and a diagonal EM, ``init_partition: kmeans``; docs/results.md).
     2. *Debiased target* (``C``): ``p ~ q^2 * pi / f`` (see :func:`debiased_target`): DEC's
        ``q^2 / f`` forces equal cluster sizes, plain ``q^2`` lets big clusters absorb small ones;
        the running cardinality ``pi`` cancels the balancing push. But ``q`` is the mixture's
        posterior, ``q ~ pi * L``, so squaring it counts the prior twice: a sample as likely under a
        cluster 100 times bigger as under a small one is pushed to the big one with odds 100^2.
        ``target_sharpen: likelihood`` sharpens the likelihood only, ``p ~ pi * L^2 * pi / f``
-       (odds 100, the posterior's own); the USPS configs set it (README, flagship).
+       (odds 100, the posterior's own); the USPS configs set it (docs/flagship.md).
     3. *OOD score* in ``R``'s feature space, debiased by cardinality (``ood_score: knn``, the
        default): for each ``k`` of ``ood_neighbours`` (1, 2, 4, ..., 128) the distance to the
        ``k``-th nearest training feature, divided by the median of that distance over the training
@@ -164,7 +164,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        test boots went to the sparse bag cluster on one seed, AUROC 0.73). ``ood_scaling:
        neighbours`` (the Fashion-MNIST config) takes the scale of the region the sample
        lies in instead: the geometric mean of the scales of the clusters of its
-       ``ood_scale_neighbours`` (100) nearest training samples (README, Results). ``ood_metric: cosine``
+       ``ood_scale_neighbours`` (100) nearest training samples (docs/results.md). ``ood_metric: cosine``
        compares the features' directions only; no config uses it. A *local* correction
        (``ood_local_weight: w``, off in the class, 0.5 in the USPS configs) subtracts ``w`` times
        the mean training score of the sample's ``ood_local_neighbours`` (64) nearest training
@@ -172,7 +172,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        density with its neighbours': the training images of a tail class lie far apart, so
        the test images of that class are far from the bank too, and its neighbours' own scores
        say so; a held-out class near no training image keeps its distance (USPS, digit 9 held
-       out: test AUROC from 0.860 to 0.910 over five seeds; README, Results). The bank of
+       out: test AUROC from 0.860 to 0.910 over five seeds; docs/results.md). The bank of
        training features and the scales are recomputed from the whole training split before
        every validation (one pass of ``R``), so they belong to the weights they are saved with
        (checkpoints carry them). The alternatives: ``full_mahalanobis``, the smallest
@@ -181,7 +181,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        soft assignments, recomputed likewise); ``mahalanobis``, the smallest diagonal one in
        ``C``'s space; ``nll``, the negative log-likelihood under ``C``'s mixture. ``C``'s space
        is a UMAP-like embedding, which places every sample near some cluster: the two scores in
-       it rank held-out classes worst (README, Results). The score is returned by ``predict``
+       it rank held-out classes worst (docs/results.md). The score is returned by ``predict``
        and evaluated as ``test/ood_auroc``. ``reject_quantile`` leaves samples unassigned
        (cluster ``-1``) whose score exceeds that quantile of the training scores.
     4. *Debiased representation* (``R``): ``R``'s reconstruction loss weighs each sample by
@@ -202,7 +202,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        rotation up to 15 degrees, scale 0.85 to 1.15, shift up to 7.5 % of the size;
        ``augment_parts`` draws only some of the three), so ``R``
        also learns features that such small deformations do not change (USPS and Fashion-MNIST,
-       ``fast`` budget: README, Results). With ``mutual_neighbours`` (the Fashion-MNIST config,
+       ``fast`` budget: docs/results.md). With ``mutual_neighbours`` (the Fashion-MNIST config,
        with ``neighbours: 20``) a pair is kept only if each image is among the other's ``k``
        nearest: the nearest images of a tail-class image are mostly of head classes (there are
        more of them everywhere), so plain pairs pull tail images into head clusters -- a bias by
@@ -218,7 +218,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        training samples in ``R``'s features have (each training sample's cluster is ``C``'s
        assignment, so the partition is still ``C``'s; the bank of training features is the
        k-NN OOD score's). On USPS, ``k = 5`` raised ACC, NMI and ARI on all four splits at both
-       benchmark budgets, balanced included, with the same weights (README, flagship).
+       benchmark budgets, balanced included, with the same weights (docs/flagship.md).
 
     **Gradients between the networks.** ``C`` reads ``R``'s features *detached*: no gradient of
     the clustering loss reaches ``R``. The clustering loss rewards confident assignments, and
@@ -247,7 +247,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         momentum: weight of the past in the SPBs' running statistics (per batch).
         target_power: sharpening exponent of the self-training target (1: none; with a batch that uses
             each cluster as often as its running cardinality says, the target is then ``q``). Probed
-            at 1 on USPS and Fashion-MNIST, not adopted (README, flagship).
+            at 1 on USPS and Fashion-MNIST, not adopted (docs/flagship.md).
         target_sharpen: what ``target_power`` sharpens: ``posterior`` (``q``, which holds the
             cardinality prior, so the prior counts ``target_power`` times) or ``likelihood`` (the
             prior counts once; :func:`debiased_target`'s ``q_prior``).
@@ -260,7 +260,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             *Clustering space*); ``none``: ``C`` is trained by the self-training loss alone.
         umap_neighbors: UMAP's neighbourhood size for the clustering space. The USPS configs set 5:
             with 15, more than the smallest long-tailed digits have images, their images join the
-            clusters of the head digits around them (README, flagship: against 15, higher ACC on
+            clusters of the head digits around them (docs/flagship.md: against 15, higher ACC on
             6 of the 8 USPS split-budget pairs and higher ``lt100`` tail ACC at both budgets; lower
             ``lt10`` tail ACC at both, lower ``paper`` ``lt10`` ACC).
         umap_set_op_mix_ratio: UMAP's symmetrisation of the k-NN graph of ``R``'s features: 1, the
@@ -309,7 +309,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             training split (not a spectral one), and the mixture of ``C``'s current posterior,
             carried to the new embedding, is one more start of the full-covariance mixture (the
             best likelihood still wins). The USPS configs set it with ``recluster_every: 2``
-            (higher ACC on USPS's long-tailed splits; README, flagship).
+            (higher ACC on USPS's long-tailed splits; docs/flagship.md).
         use_variance: use the pooled variances (``false``: unit variances).
         use_cardinality: use the pooled cardinalities (``false``: uniform prior, DEC target).
         cotrain: keep training ``R`` during clustering (``false``: ``C`` alone on a frozen ``R``).
@@ -324,7 +324,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             the data at every budget (``0.05`` is 185 neighbours of the 3,696 training images of
             Fashion-MNIST ``lt10_ood`` at the ``fast`` budget, 998 of its 19,969 at ``paper``).
             The neighbour search refitted before every validation grows with k: on a large split
-            a fraction costs far more time and memory than a count (README, flagship).
+            a fraction costs far more time and memory than a count (docs/flagship.md).
         ood_scaling: the divisor of each ``k``-NN distance in ``ood_score: knn``: ``cluster``, the
             median over the training samples of the sample's cluster (item 3); ``neighbours``, the
             geometric mean of those medians over the clusters of the sample's
@@ -364,11 +364,11 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         augment_parts: the components of that map drawn (of ``rotation``, ``scale``, ``shift``;
             all three when unset; the others stay at the identity). Needs ``augment`` > 0. On
             Fashion-MNIST (``fast``) ``[scale]`` raised ACC and tail ACC on most splits and lowered
-            the OOD AUROC; no config sets it (README, flagship).
+            the OOD AUROC; no config sets it (docs/flagship.md).
         augment_strengths: a strength per component, overriding ``augment`` for the components
             named (e.g. ``{scale: 3, rotation: 1}``; each in [0, 4]); the others drawn keep
             ``augment``. Needs ``augment`` > 0; a component left out by ``augment_parts`` cannot be
-            named. No config sets it (README, flagship).
+            named. No config sets it (docs/flagship.md).
         contrast_weight: weight of the NT-Xent loss of the view pairs (neighbours and/or augmented copies) in ``R``'s loss.
         contrast_temperature: NT-Xent temperature.
         projection_dim: output size of ``R``'s projection head for the NT-Xent loss.

@@ -60,7 +60,7 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
     held near equal by the ``log(n_c!)`` penalty, so a prior built from them stays close to
     uniform and confirms itself; the nearest-centroid counts are not regularised, though the
     training pulls points towards their balanced assignments and so balances them too (on the
-    ``lt10`` splits neither source gives a prior far from uniform: README, Results). The prior is
+    ``lt10`` splits neither source gives a prior far from uniform: docs/results.md). The prior is
     kept in the ``cluster_prior
     buffer (saved in checkpoints; uniform unless ``imbalanced``) and used from epoch
     ``prior_warmup_epochs`` on. ``prior_strength`` below 1 keeps part of the
@@ -86,7 +86,7 @@ class OnlineHardClustering(PixelNeighbours, ClusteringModule):
     cluster, so both images are pulled to the same centroid (``neighbour_draws: m`` draws ``m``
     neighbours per image, and the group of ``1 + m`` images is assigned on its mean cost). No
     label is involved; evaluation is unchanged (each image alone, nearest centroid). A ``k`` of
-    about 1 % of the training images worked best on Fashion-MNIST (README, Results); each step
+    about 1 % of the training images worked best on Fashion-MNIST (docs/results.md); each step
     encodes ``1 + m`` times as many images.
 
     Args:
