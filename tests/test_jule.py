@@ -23,6 +23,7 @@ from clusterlight.cluster.agglomerative import (
     initial_clusters,
     knn_graph,
 )
+from clusterlight.errors import ClusterlightError
 from clusterlight.methods.jule import JULE, JULENet, weighted_triplet_loss
 from tests.conftest import METHOD_ARGS, base_args, data_args
 
@@ -48,6 +49,24 @@ def test_knn_graph_matches_brute_force(n: int, dim: int, k: int, chunks: tuple) 
     assert torch.equal(idx, ref_i)
     assert torch.allclose(dist, ref_d, rtol=1e-9, atol=1e-10)
     assert not (idx == torch.arange(n)[:, None]).any()  # never itself
+
+
+@pytest.mark.parametrize(("n", "k", "chunks"), [(300, 40, (32, 50)), (1500, 600, (None, None))])
+def test_knn_graph_keeps_only_the_ranks_asked_for(n: int, k: int, chunks: tuple) -> None:
+    """``ranks``: the brute-force neighbours' columns at those ranks, by the blocked merge and by
+    whole rows (k over a quarter of the default column block); bad ranks are refused."""
+    x = torch.randn(n, 6, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    ranks = [0, 1, 2, 9, k // 2, k - 1]
+    idx, dist = knn_graph(x, k, chunk_size=chunks[0], col_chunk_size=chunks[1], ranks=ranks)
+    full = torch.cdist(x, x) ** 2
+    full.fill_diagonal_(math.inf)
+    ref_d, ref_i = torch.topk(full, k, dim=1, largest=False)
+    assert idx.shape == dist.shape == (n, len(ranks))
+    assert torch.equal(idx, ref_i[:, ranks])
+    assert torch.allclose(dist, ref_d[:, ranks], rtol=1e-9, atol=1e-10)
+    for bad in ([], [3, 1], [0, 0], [k], [-1, 2], [0.5]):
+        with pytest.raises(ClusterlightError, match="ranks must be increasing integers"):
+            knn_graph(x, k, ranks=bad)
 
 
 def test_affinity_weights_and_initial_clusters() -> None:

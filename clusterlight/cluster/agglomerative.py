@@ -67,6 +67,7 @@ tests on small inputs only.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +102,8 @@ __all__ = [
 @float32_math
 @torch.no_grad()
 def knn_graph(
-    x: Tensor, k: int, chunk_size: int | None = None, col_chunk_size: int | None = None
+    x: Tensor, k: int, chunk_size: int | None = None, col_chunk_size: int | None = None,
+    ranks: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` nearest neighbours of every row of ``x`` (itself excluded), by chunked matmul.
 
@@ -109,7 +111,8 @@ def knn_graph(
     ``col_chunk_size`` columns, ``|x_j|² - 2 x_i·x_j`` in one ``addmm`` into a reused buffer) and
     merged into a running top-k: the first column block by ``topk``, later ones only through
     the few entries below each row's current k-th distance. Memory is
-    O(N·k + chunk_size·col_chunk_size), never N×N.
+    O(N·k + chunk_size·col_chunk_size), never N×N; with ``ranks``, O(N·len(ranks) +
+    chunk_size·k + chunk_size·col_chunk_size).
 
     Args:
         x: ``Tensor[N, D]`` on any device (float64 stays float64, anything else is float32).
@@ -119,17 +122,27 @@ def knn_graph(
         col_chunk_size: candidate columns per block (default 2048 on CPU, 16384 elsewhere; when
             ``k`` is over a quarter of that, all ``N`` columns, with ``chunk_size`` defaulting to
             the rows of about 2**25 distances).
+        ranks: keep only these columns of the sorted neighbours (0-based ranks below ``k``,
+            increasing), e.g. the k-th distances of a few k out of thousands: the search is the
+            same, the result ``[N, len(ranks)]``.
 
     Returns:
         ``(indices, distances)``: ``LongTensor[N, k]`` and the squared distances ``[N, k]``,
         each row sorted by increasing distance (ties: lower index first within a block), on
-        the device of ``x``.
+        the device of ``x`` (``[N, len(ranks)]``, those columns, with ``ranks``).
     """
     if x.ndim != 2:
         raise ClusterlightError(f"knn_graph expects points of shape [N, D], got {tuple(x.shape)}")
     n = x.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n - 1:
         raise ClusterlightError(f"k must be an integer in [1, N - 1] = [1, {max(n - 1, 0)}], got {k!r}")
+    keep = None
+    if ranks is not None:
+        ranks = list(ranks)
+        if not ranks or any(isinstance(r, bool) or not isinstance(r, int) for r in ranks) \
+                or ranks != sorted(set(ranks)) or not 0 <= ranks[0] <= ranks[-1] < k:
+            raise ClusterlightError(f"ranks must be increasing integers in [0, k - 1] = [0, {k - 1}], got {ranks!r}")
+        keep = torch.tensor(ranks, dtype=torch.long, device=x.device)
     dev = x.device
     on_cpu = dev.type == "cpu"
     # many neighbours: merging a running top-k block by block costs more than one top-k per row
@@ -153,8 +166,9 @@ def knn_graph(
     # numpy's compare + flatnonzero is several times faster than torch's nonzero on CPU
     mask = None if whole_rows else np.empty(rows_max * cols_max, dtype=bool) if on_cpu else \
         torch.empty(rows_max * cols_max, dtype=torch.bool, device=dev)
-    out_i = torch.empty(n, k, dtype=torch.long, device=dev)
-    out_d = torch.empty(n, k, dtype=x.dtype, device=dev)
+    width_out = k if keep is None else len(keep)
+    out_i = torch.empty(n, width_out, dtype=torch.long, device=dev)
+    out_d = torch.empty(n, width_out, dtype=x.dtype, device=dev)
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
         r = e - s
@@ -199,6 +213,8 @@ def knn_graph(
                     best_d, pos = torch.topk(pad_d, k, dim=1, largest=False, sorted=True)
                     best_i = torch.gather(pad_i, 1, pos)
             filled += c
+        if keep is not None:
+            best_i, best_d = best_i[:, keep], best_d[:, keep]
         out_i[s:e] = best_i
         out_d[s:e] = (best_d + sq[s:e, None]).clamp_(min=0)
     return out_i, out_d
