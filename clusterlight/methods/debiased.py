@@ -325,9 +325,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             Fashion-MNIST ``lt10_ood`` at the ``fast`` budget, 998 of its 19,969 at ``paper``).
             The neighbour search refitted before every validation grows with k, so on a large
             split a fraction costs more time than a count (Fashion-MNIST balanced at ``paper``,
-            54,000 images, k up to 3,740: 983 s of training against 860 s); the training split's
-            search keeps only the ranks the score reads (there 1.95 GB peak RSS, against 5.6 GB
-            with all k kept; docs/flagship.md).
+            54,000 images, k up to 3,740: 983 s of training against the counts' 860 s, measured on
+            two machines); the training split's search keeps only the ranks the score reads
+            (there 1.95 GB peak RSS, against 5.6 GB with all k kept; docs/flagship.md).
         ood_scaling: the divisor of each ``k``-NN distance in ``ood_score: knn``: ``cluster``, the
             median over the training samples of the sample's cluster (item 3); ``neighbours``, the
             geometric mean of those medians over the clusters of the sample's
