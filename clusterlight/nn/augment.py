@@ -45,13 +45,11 @@ def affine_theta(u: Tensor, strength: float | Sequence[float], size: tuple[int, 
         raise ValueError(f"unknown affine parts {unknown}; choose from {list(PARTS)}")
     aspect = float(size[0]) / float(size[1])  # H / W
     keep = torch.tensor([p in parts for p in ("rotation", "scale", "shift", "shift")], dtype=torch.float32, device=u.device)
-    if isinstance(strength, (int, float)):
-        v = (2.0 * u.float() - 1.0) * strength * keep
-    else:
-        if len(strength) != len(PARTS):
-            raise ValueError(f"strength must be a number or {len(PARTS)} numbers ({', '.join(PARTS)}), got {strength!r}")
-        per = torch.tensor([strength[0], strength[1], strength[2], strength[2]], dtype=torch.float32, device=u.device)
-        v = (2.0 * u.float() - 1.0) * (per * keep)
+    per_part = (strength,) * len(PARTS) if isinstance(strength, (int, float)) else tuple(strength)
+    if len(per_part) != len(PARTS):
+        raise ValueError(f"strength must be a number or {len(PARTS)} numbers ({', '.join(PARTS)}), got {strength!r}")
+    per = torch.tensor([*per_part, per_part[-1]], dtype=torch.float32, device=u.device)  # the shift for x and y
+    v = (2.0 * u.float() - 1.0) * (per * keep)
     angle = v[:, 0] * math.radians(MAX_ROTATION_DEG)
     scale = 1.0 + v[:, 1] * MAX_SCALE
     tx, ty = v[:, 2] * MAX_SHIFT, v[:, 3] * MAX_SHIFT
