@@ -265,3 +265,23 @@ def test_feature_probe_scores_by_hand() -> None:
     # matching 0->0, 1->1, 2->2: 3 + 2 + 1 of 8 right; class 2's recall 1 of 2
     assert summary[:2] == [round(6 / 8, 3), 0.5]
     assert tail == [0.5]
+
+
+def test_cluster_contents_by_hand() -> None:
+    """``scripts/cluster_contents.py`` on a hand-made case: four classes, four clusters, one class
+    drawn as two clusters and two classes sharing one, one cluster empty."""
+    mod = _script("cluster_contents")
+    names = ["a", "b", "c", "d"]
+    # cluster 0: a x3 + c x1; cluster 1: a x2; cluster 2: b x2 + d x1 + c x1; cluster 3: empty
+    pred = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    target = np.array([0, 0, 0, 2, 0, 0, 1, 1, 3, 2])
+    lines, lost = mod.contents(pred, target, 4, names)
+    # matching: 0 -> a (3), 2 -> b (2), then 1 and 3 take c and d (0 each: a zero-count pair either way)
+    assert lines[0] == "a <- a 3 + c 1"
+    assert lines[1].endswith("<- a 2") and lines[1].split(" <- ")[0] in ("c", "d")
+    assert lines[2] == "b <- b 2 + c 1"
+    assert lines[3].endswith("<- empty")
+    assert lost == []
+    lines, lost = mod.contents(pred, target, 3, names)  # three clusters, four classes: one class has none
+    assert lines == ["a <- a 3 + c 1", lines[1], "b <- b 2 + c 1"] and lines[1].split(" <- ")[0] in ("c", "d")
+    assert len(lost) == 1 and lost[0] in ("c", "d") and lost[0] != lines[1].split(" <- ")[0]

@@ -827,6 +827,57 @@ def test_umap_runs_start_from_the_consensus_of_each_embeddings_partition(tmp_pat
         torch.testing.assert_close(got, torch.from_numpy(want).float())
 
 
+def test_refine_cut_moves_the_initial_partition_along_rs_feature_graph(tmp_path: Path, monkeypatch) -> None:
+    """With ``refine_cut: 10`` the initial partition of the clustering space goes once through
+    :func:`refine_by_cut` (itself checked against a naive cut), with the 10 nearest neighbours of
+    R's standardised training features (scikit-learn's as the reference), the UMAP embedding as
+    the split space and the ``kmeans_seed``; both SPBs start from what it returns. Bad values
+    are one-line errors."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from clusterlight.errors import ClusterlightError
+    from clusterlight.methods import DebiasedClustering, debiased
+    from clusterlight.nn.stats_pool import StatisticsPooling
+
+    calls, resets = [], []
+    real_refine, real_wrapper, real_reset = debiased.refine_by_cut, DebiasedClustering._refine_by_cut, \
+        StatisticsPooling.reset_from
+
+    def refine_spy(resp, neighbours, space, **kw):
+        out = real_refine(resp, neighbours, space, **kw)
+        calls.append({"neighbours": neighbours.clone(), "space": space.clone(), "kw": kw, "out": out[0].clone()})
+        resets.append("refined")
+        return out
+
+    def wrapper_spy(self, z_r, space, resp):
+        calls.append({"z_r": z_r.clone()})
+        return real_wrapper(self, z_r, space, resp)
+
+    def reset_spy(self, x, w):
+        resets.append(w.clone())
+        return real_reset(self, x, w)
+
+    monkeypatch.setattr(debiased, "refine_by_cut", refine_spy)
+    monkeypatch.setattr(DebiasedClustering, "_refine_by_cut", wrapper_spy)
+    monkeypatch.setattr(StatisticsPooling, "reset_from", reset_spy)
+    args = METHOD_ARGS["DebiasedClustering"] + ["--model.refine_cut=10", "--model.kmeans_seed=3"] \
+        + data_args("digits", max_samples=300) + base_args(tmp_path, epochs=2, logger="none")
+    cli = main(["fit", *args])
+    assert len(calls) == 2  # once, at the start of clustering
+    z = calls[0]["z_r"].double().numpy()
+    z = (z - z.mean(0)) / z.std(0, ddof=1)
+    want = NearestNeighbors(n_neighbors=11).fit(z).kneighbors(z, return_distance=False)[:, 1:]
+    assert (np.sort(calls[1]["neighbours"].numpy(), 1) == np.sort(want, 1)).mean() > 0.999  # ties aside
+    torch.testing.assert_close(calls[1]["space"], cli.model.manifold_target)
+    assert calls[1]["kw"] == {"seed": 3}
+    last = resets.index("refined")
+    for got in resets[last + 1:last + 3]:  # spb_r's and spb_c's resets
+        torch.testing.assert_close(got, calls[1]["out"])
+    for bad in (-1, True, 2.5):
+        with pytest.raises(ClusterlightError, match="refine_cut must be an integer >= 0"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), refine_cut=bad)
+
+
 @pytest.mark.slow  # an option off in every config
 def test_recluster_every_rebuilds_the_clustering_space_from_the_current_representation(tmp_path: Path, monkeypatch) -> None:
     """With ``recluster_every: 2`` and one epoch of pretraining, clustering starts at epoch 1 and the

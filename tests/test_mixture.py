@@ -271,3 +271,78 @@ def test_merge_by_graph_matches_a_naive_edge_loop_and_keeps_a_small_island() -> 
     assert adjusted_rand_score(truth, merged.argmax(1).numpy()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="neighbours must have shape"):
         merge_by_graph(torch.as_tensor(np.eye(4)[components]), 3, torch.as_tensor(nb[:5]))
+
+
+def _naive_ncut(labels: np.ndarray, nb: np.ndarray, k: int) -> float:
+    """Reference for ``normalized_cut``: a dense symmetric 0/1 adjacency, cut and volume per cluster."""
+    n = len(labels)
+    adj = np.zeros((n, n))
+    for i in range(n):
+        for j in nb[i]:
+            if i != j:
+                adj[i, j] = adj[j, i] = 1.0
+    total = 0.0
+    for c in range(k):
+        inside = labels == c
+        volume = adj[inside].sum()
+        if volume > 0:
+            total += adj[np.ix_(inside, ~inside)].sum() / volume
+    return total
+
+
+def test_normalized_cut_matches_a_dense_adjacency() -> None:
+    """Random graphs (with repeated and mutual edges) and random labels, one cluster left empty."""
+    from clusterlight.cluster.mixture import normalized_cut
+
+    rng = np.random.default_rng(3)
+    for n, m, k in ((30, 3, 4), (50, 6, 5)):
+        nb = np.stack([rng.choice(np.delete(np.arange(n), i), m, replace=False) for i in range(n)])
+        labels = rng.integers(0, k - 1, n)  # cluster k - 1 empty
+        got = normalized_cut(torch.as_tensor(labels), torch.as_tensor(nb), k)
+        assert got == pytest.approx(_naive_ncut(labels, nb, k), rel=1e-12)
+    with pytest.raises(ValueError, match="must agree"):
+        normalized_cut(torch.zeros(5, dtype=torch.long), torch.zeros(4, 2, dtype=torch.long), 2)
+
+
+def test_refine_by_cut_joins_a_split_class_and_cuts_a_shared_cluster() -> None:
+    """A mixture's typical mistake on imbalanced data, built by hand: a big class of two touching
+    halves drawn as two clusters, two small separate classes sharing one. The moves end at the
+    generating labels (scikit-learn's ARI), each lowers the naive normalised cut, and the
+    responsibilities follow the moves column by column. From the generating labels no move is
+    made and the input comes back as is."""
+    from sklearn.metrics import adjusted_rand_score
+    from sklearn.neighbors import NearestNeighbors
+
+    from clusterlight.cluster.mixture import refine_by_cut
+
+    rng = np.random.default_rng(0)
+    half_a = rng.normal(size=(300, 2)) + [-1.2, 0.0]
+    half_b = rng.normal(size=(300, 2)) + [1.2, 0.0]
+    other = rng.normal(size=(250, 2)) + [0.0, 9.0]
+    small_1 = rng.normal(size=(40, 2)) * 0.4 + [9.0, 0.0]
+    small_2 = rng.normal(size=(40, 2)) * 0.4 + [9.0, 4.0]
+    x = np.concatenate([half_a, half_b, other, small_1, small_2])
+    truth = np.repeat([0, 0, 1, 2, 3], [300, 300, 250, 40, 40])
+    wrong = np.repeat([0, 1, 2, 3, 3], [300, 300, 250, 40, 40])
+    nb = NearestNeighbors(n_neighbors=11).fit(x).kneighbors(x, return_distance=False)[:, 1:]
+    soft = 0.9 * np.eye(4)[wrong] + 0.1 * rng.dirichlet(np.ones(4), len(x))  # argmax is `wrong`
+    resp, moves = refine_by_cut(torch.as_tensor(soft), torch.as_tensor(nb), torch.as_tensor(x, dtype=torch.float32))
+    assert adjusted_rand_score(truth, resp.argmax(1).numpy()) == pytest.approx(1.0)
+    assert len(moves) == 1
+    a, b, c, before, after = moves[0]
+    assert sorted((a, b)) == [0, 1] and c == 3
+    assert before == pytest.approx(_naive_ncut(wrong, nb, 4)) and after < before
+    assert after == pytest.approx(_naive_ncut(resp.argmax(1).numpy(), nb, 4))
+    moved = resp.argmax(1).numpy() == b
+    want = soft.copy()
+    want[:, a] += want[:, b]
+    want[:, b] = 0.0
+    want[moved, b] = want[moved, c]
+    want[moved, c] = 0.0
+    np.testing.assert_allclose(resp.numpy(), want, atol=1e-12)
+    np.testing.assert_allclose(resp.numpy().sum(1), 1.0, atol=1e-12)
+    start = torch.as_tensor(np.eye(4)[truth])
+    same, none = refine_by_cut(start, torch.as_tensor(nb), torch.as_tensor(x, dtype=torch.float32))
+    assert none == [] and same is start
+    with pytest.raises(ValueError, match="neighbours must have shape"):
+        refine_by_cut(start, torch.as_tensor(nb[:5]), torch.as_tensor(x))

@@ -8,6 +8,9 @@
   whose union most lowers the entropy of the responsibilities (Baudry et al. 2010), for a mixture
   fitted with more components than clusters (``overcluster``); :func:`merge_by_graph` merges them
   along a k-NN graph instead, the pair with the largest share of the bigger group's edges first.
+- :func:`refine_by_cut` -- moves that merge two clusters and split a third in two, kept while they
+  lower the normalised cut (:func:`normalized_cut`) of a k-NN graph: a head class that the
+  mixture drew as two clusters beside two classes that share one.
 
 Unlike k-means, a mixture with per-cluster means, covariances and weights (cardinalities) lets a
 small, tight cluster keep its points next to a big, spread one.
@@ -194,6 +197,117 @@ def merge_by_graph(resp: Tensor, k: int, neighbours: Tensor, min_size: float | N
         groups[i] = sorted(groups[i] + groups[j])
         del groups[j]
     return t.to(device=resp.device, dtype=resp.dtype), groups
+
+
+def _undirected_edges(neighbours: Tensor) -> Tensor:
+    """The edges ``(E, 2)`` (``i < j``, each once) of the k-NN graph ``neighbours (N, n)``, symmetrised:
+    ``i`` and ``j`` are joined when either lists the other."""
+    nb = neighbours.detach().long().cpu()
+    n = nb.shape[0]
+    rows = torch.arange(n).repeat_interleave(nb.shape[1])
+    cols = nb.reshape(-1)
+    keep = rows != cols
+    lo, hi = torch.minimum(rows, cols)[keep], torch.maximum(rows, cols)[keep]
+    key = torch.unique(lo * n + hi)
+    return torch.stack([key // n, key % n], 1)
+
+
+def _ncut_of_edges(edges: Tensor, labels: Tensor, k: int) -> float:
+    la, lb = labels[edges[:, 0]], labels[edges[:, 1]]
+    same = la == lb
+    within = torch.bincount(la[same], minlength=k).double()
+    cut = (torch.bincount(la[~same], minlength=k) + torch.bincount(lb[~same], minlength=k)).double()
+    volume = 2.0 * within + cut
+    return float((cut / volume.clamp_min(1.0)).sum())
+
+
+def normalized_cut(labels: Tensor, neighbours: Tensor, k: int) -> float:
+    """The normalised cut ``sum_c cut(c) / vol(c)`` of the partition ``labels (N,)`` (values below ``k``).
+
+    The graph is the k-NN graph ``neighbours (N, n)`` (each sample's nearest samples, itself
+    excluded), symmetrised and unweighted: ``i`` and ``j`` are joined (once) when either lists
+    the other. ``cut(c)`` counts the edges with one end in cluster ``c``, ``vol(c)`` the edge ends in
+    ``c`` (the sum of its samples' degrees); an empty cluster adds 0 (Shi and Malik 2000).
+    """
+    if labels.ndim != 1 or neighbours.ndim != 2 or neighbours.shape[0] != labels.shape[0]:
+        raise ValueError(f"labels (N,) and neighbours (N, n) must agree, got {tuple(labels.shape)} and {tuple(neighbours.shape)}")
+    return _ncut_of_edges(_undirected_edges(neighbours), labels.detach().long().cpu(), k)
+
+
+def refine_by_cut(resp: Tensor, neighbours: Tensor, space: Tensor, n_init: int = 3, seed: int = 0,
+                  max_moves: int | None = None) -> tuple[Tensor, list[tuple[int, int, int, float, float]]]:
+    """Merge-and-split moves on the partition ``resp (N, K)``, kept while they lower the normalised cut.
+
+    A mixture fitted by likelihood draws a big class whose samples do not fit one Gaussian as two
+    components, and with the number of clusters fixed, two smaller classes then share one. Each
+    move here merges two clusters ``a`` and ``b`` and splits a third, ``c``, in two (a
+    two-component full-covariance mixture, :func:`full_gmm` with ``n_init`` and ``seed``, on
+    ``space``'s rows of ``c``), its second half taking the freed cluster ``b``. Of all such moves
+    (the clusters are the argmax of ``resp``) the one with the lowest :func:`normalized_cut` of
+    the k-NN graph ``neighbours (N, n)`` is made when it is below the current cut, at most
+    ``max_moves`` times (default ``K``). Two halves of one class share many graph edges: merging
+    them removes a large part of the cut; two classes in one cluster share few: splitting them
+    adds little. The graph and ``space`` can differ (e.g. the neighbours of the features, the
+    split in their embedding).
+
+    The responsibilities follow the moves: ``b``'s column is added to ``a``'s, and the rows of
+    ``c``'s second half move their ``c`` column to ``b``. Returns ``(resp (N, K), moves)``, each
+    move ``(a, b, c, cut before, cut after)``; without a move, ``resp`` itself.
+    """
+    if resp.ndim != 2 or space.ndim != 2 or space.shape[0] != resp.shape[0]:
+        raise ValueError(f"resp (N, K) and space (N, D) must agree, got {tuple(resp.shape)} and {tuple(space.shape)}")
+    if neighbours.ndim != 2 or neighbours.shape[0] != resp.shape[0]:
+        raise ValueError(f"neighbours must have shape ({resp.shape[0]}, n), got {tuple(neighbours.shape)}")
+    k = resp.shape[1]
+    edges = _undirected_edges(neighbours)
+    labels = resp.detach().argmax(1).cpu()
+    out = resp
+    moves: list[tuple[int, int, int, float, float]] = []
+    halves: dict[int, Tensor | None] = {}
+
+    def halve(c: int) -> Tensor | None:
+        """The rows of cluster ``c`` that its two-component split puts in the second half."""
+        rows = torch.nonzero(labels == c).squeeze(1)
+        if rows.numel() < 4:
+            return None
+        second = full_gmm(space[rows.to(space.device)], 2, n_init, seed).argmax(1).cpu() == 1
+        if bool(second.all()) or not bool(second.any()):
+            return None
+        return rows[second]
+
+    for _ in range(k if max_moves is None else max_moves):
+        current = _ncut_of_edges(edges, labels, k)
+        for c in range(k):
+            if c not in halves:
+                halves[c] = halve(c)
+        best: tuple[float, int, int, int] | None = None
+        for a in range(k):
+            for b in range(a + 1, k):
+                for c, rows in halves.items():
+                    if c in (a, b) or rows is None:
+                        continue
+                    trial = torch.where(labels == b, a, labels)
+                    trial[rows] = b
+                    value = _ncut_of_edges(edges, trial, k)
+                    if value < current - 1e-12 and (best is None or value < best[0]):
+                        best = (value, a, b, c)
+        if best is None:
+            break
+        value, a, b, c = best
+        rows = halves[c]
+        assert rows is not None
+        out = out.clone()
+        out[:, a] += out[:, b]
+        out[:, b] = 0.0
+        r = rows.to(out.device)
+        out[r, b] = out[r, c]
+        out[r, c] = 0.0
+        labels = torch.where(labels == b, a, labels)
+        labels[rows] = b
+        moves.append((a, b, c, current, value))
+        for changed in (a, b, c):
+            halves.pop(changed, None)
+    return out, moves
 
 
 def one_hot(labels: Tensor, k: int) -> Tensor:
