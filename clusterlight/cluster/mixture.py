@@ -283,10 +283,11 @@ def refine_by_cut(resp: Tensor, neighbours: Tensor, space: Tensor, n_init: int =
         best: tuple[float, int, int, int] | None = None
         for a in range(k):
             for b in range(a + 1, k):
+                merged = torch.where(labels == b, a, labels)  # b freed
                 for c, rows in halves.items():
                     if c in (a, b) or rows is None:
                         continue
-                    trial = torch.where(labels == b, a, labels)
+                    trial = merged.clone()
                     trial[rows] = b
                     value = _ncut_of_edges(edges, trial, k)
                     if value < current - 1e-12 and (best is None or value < best[0]):
