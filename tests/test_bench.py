@@ -72,11 +72,17 @@ def test_grid_appends_one_record_per_run_and_resumes(tmp_path, monkeypatch) -> N
                         ["--trainer.max_epochs=1", "--data.init_args.max_samples=300", "--data.init_args.batch_size=32",
                          "--model.init_args.kmeans_n_init=1"])
     out = tmp_path / "records.jsonl"
-    argv = ["run", "--methods", "ae_kmeans", "--datasets", "digits", "--splits", "balanced", "lt10_ood",
+    argv = ["run", "--methods", "ae_kmeans", "--datasets", "digits", "--splits", "lt10_ood", "balanced",
             "--seeds", "0", "--out", str(out), "--runs", str(tmp_path / "runs")]
+    # An interrupted grid: the first call ran only the lt10_ood cell.
+    assert bench.main([*argv[:7], *argv[8:]]) == 0
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["split"], r["seed"]) for r in first] == [("lt10_ood", 0)]
+    # The whole grid then runs only the missing cell and keeps the first record as it was.
     assert bench.main(argv) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["split"], r["seed"]) for r in records] == [("balanced", 0), ("lt10_ood", 0)]
+    assert [(r["split"], r["seed"]) for r in records] == [("lt10_ood", 0), ("balanced", 0)]
+    assert records[0] == first[0]
     for r in records:
         assert 0 <= r["acc"] <= 1 and 0 <= r["nmi"] <= 1 and r["nmi_geometric"] is not None
         assert r["train_s"] > 0 and r["peak_rss_mb"] > 100 and r["version"] and len(r["config_hash"]) == 12
@@ -90,38 +96,20 @@ def test_grid_appends_one_record_per_run_and_resumes(tmp_path, monkeypatch) -> N
         model = next((ln for ln in info.splitlines() if ln.startswith("model name")), None)
         if model is not None:
             assert r["cpu"].startswith(model.split(":", 1)[1].strip())
-    assert records[0]["ood_auroc"] is None and records[1]["ood_auroc"] is not None  # only the OOD split has it
-    assert records[1]["n_train"] < records[0]["n_train"]  # long tail + held-out class
+    ood, balanced = records
+    assert balanced["ood_auroc"] is None and ood["ood_auroc"] is not None  # only the OOD split has it
+    assert ood["n_train"] < balanced["n_train"]  # long tail + held-out class
+    assert ood["config_hash"] != balanced["config_hash"]
     # the run folder loads back: the split the run trained on and the weights of its last checkpoint
     folder = tmp_path / "runs" / "fast" / "ae_kmeans-digits-lt10_ood-seed0"
     data, model = bench.load_run(folder)
     assert type(model).__name__ == "AEKMeans" and not model.training
-    assert len(data.train_dataset) == records[1]["n_train"] and len(data.test_dataset) == records[1]["n_test"]
+    assert len(data.train_dataset) == ood["n_train"] and len(data.test_dataset) == ood["n_test"]
     saved = torch.load(next(folder.glob("runs/*/checkpoints/last.ckpt")), map_location="cpu", weights_only=False)
     assert saved["state_dict"].keys() == model.state_dict().keys()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved["state_dict"].items())
     with pytest.raises(SystemExit, match="holds no runs/"):
         bench.load_run(tmp_path)
-    # Interrupted grid: a second call with one more seed runs only the new seed (one split, to keep it short).
-    assert bench.main([*argv[:7], "--seeds", "0", "1", *argv[-4:]]) == 0
-    again = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["split"], r["seed"]) for r in again] == [("balanced", 0), ("lt10_ood", 0), ("balanced", 1)]
-    assert again[0] == records[0]
-    assert again[2]["config_hash"] == again[0]["config_hash"] != again[1]["config_hash"]
-
-
-def test_relative_runs_folder_works_from_another_directory(tmp_path, monkeypatch) -> None:
-    """``--runs`` relative to the caller's directory: the child fit runs in the repository, and
-    its result is still found (it used to be written under the repository and the run counted as failed)."""
-    monkeypatch.setitem(bench.FAST["ae_kmeans"], "digits",
-                        ["--trainer.max_epochs=1", "--data.init_args.max_samples=300", "--data.init_args.batch_size=32",
-                         "--model.init_args.kmeans_n_init=1"])
-    monkeypatch.chdir(tmp_path)
-    argv = ["run", "--methods", "ae_kmeans", "--datasets", "digits", "--splits", "balanced", "--seeds", "0",
-            "--out", "records.jsonl", "--runs", "my_runs"]
-    assert bench.main(argv) == 0
-    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 1
-    assert (tmp_path / "my_runs" / "fast" / "ae_kmeans-digits-balanced-seed0" / "result.json").is_file()
 
 
 def test_readme_report_replaces_only_between_markers(tmp_path) -> None:
@@ -173,10 +161,15 @@ def test_override_and_variant_reach_the_run_and_the_report(tmp_path, monkeypatch
     monkeypatch.setitem(bench.FAST["ae_kmeans"], "digits",
                         ["--trainer.max_epochs=1", "--data.init_args.max_samples=300", "--data.init_args.batch_size=32",
                          "--model.init_args.kmeans_n_init=1"])
-    out, runs = tmp_path / "records.jsonl", tmp_path / "runs"
+    # ``--out`` and ``--runs`` relative to the caller's directory, not the repository's: the child fit
+    # runs in the repository, and its result is still found (it used to be written under the
+    # repository and the run counted as failed)
+    monkeypatch.chdir(tmp_path)
+    out, runs = tmp_path / "records.jsonl", tmp_path / "my_runs"
     argv = ["run", "--methods", "ae_kmeans", "--datasets", "digits", "--splits", "balanced", "--seeds", "0",
-            "--out", str(out), "--runs", str(runs), "--override", "model.init_args.latent_dim=3", "--variant", "z3"]
+            "--out", "records.jsonl", "--runs", "my_runs", "--override", "model.init_args.latent_dim=3", "--variant", "z3"]
     assert bench.main(argv) == 0
+    assert (runs / "fast" / "ae_kmeans-z3-digits-balanced-seed0" / "result.json").is_file()
     (variant,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert variant["variant"] == "z3" and variant["method"] == "ae_kmeans"
     assert "--model.init_args.latent_dim=3" in variant["args"]

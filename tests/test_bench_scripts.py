@@ -66,6 +66,7 @@ def _step1_loss_by_hand(monkeypatch: pytest.MonkeyPatch) -> float:
         return float(F.mse_loss(recon.float(), batch["image"].float()))
 
 
+@pytest.mark.slow
 def test_throughput_smallest_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "throughput.jsonl"
     _run("bench_throughput.py", "--methods", "AEKMeans", "--steps", "5", "--warmup", "2", "--reps", "1",

@@ -18,7 +18,7 @@ from tests.ddp_equivalence import (
 )
 from tests.test_ddp_debiased_neighbours import NEIGHBOUR_KWARGS
 
-pytestmark = pytest.mark.ddp
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]  # an option no shipped config sets
 
 
 def test_two_gloo_processes_train_with_rotated_negatives_as_one_process(tmp_path) -> None:

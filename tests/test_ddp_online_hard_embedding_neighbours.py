@@ -18,7 +18,7 @@ from tests.ddp_equivalence import (
     fit_one_and_two,
 )
 
-pytestmark = pytest.mark.ddp
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]  # an option no shipped config sets
 
 
 def test_two_gloo_processes_refresh_the_same_embedding_neighbours(tmp_path) -> None:

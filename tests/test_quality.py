@@ -32,7 +32,8 @@ def raw_pixels_kmeans():
     return matched_accuracy(pred, y), normalized_mutual_info(pred, y)
 
 
-@pytest.mark.parametrize("method", sorted(BUDGETS))
+# DEC (AE pretraining, then its own loss) in the default suite; AE + k-means, slow
+@pytest.mark.parametrize("method", [m if m == "dec" else pytest.param(m, marks=pytest.mark.slow) for m in sorted(BUDGETS)])
 def test_baseline_beats_raw_pixel_kmeans_on_usps(tmp_path: Path, method: str, raw_pixels_kmeans) -> None:
     cli = main(["fit", "--config", str(REPO / f"configs/{method}/usps.yaml"), *base_args(tmp_path, logger="none"),
                 *BUDGETS[method], "--trainer.max_epochs=" + BUDGETS[method][0].split("=")[1], "--test_after_fit=true"])

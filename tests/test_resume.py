@@ -112,7 +112,16 @@ def _reference(references: dict, tmp_path_factory, method: str):
     return references[method]
 
 
-@pytest.mark.parametrize("method", sorted(CASES))
+#: Run only with ``-m slow``: covered in the default suite by a case with more of the same state
+#: (``DebiasedClustering-augment`` has the neighbour pairs too, ``DebiasedClustering-steplr`` a
+#: manually stepped scheduler, ``DEC`` and ``OnlineHardClustering`` the methods), or options no
+#: shipped config sets (the online method's neighbour pairs and Sinkhorn assignments).
+SLOW_SIGTERM = ("DebiasedClustering-neighbours", "DEC-steplr", "OnlineHardClustering-neighbours",
+                "OnlineHardClustering-sinkhorn")
+
+
+@pytest.mark.parametrize("method", [m if m not in SLOW_SIGTERM else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in sorted(CASES)])
 def test_sigterm_mid_epoch_then_resume(tmp_path: Path, tmp_path_factory, references: dict, method: str) -> None:
     reference = _reference(references, tmp_path_factory, method)
     per_epoch = _batches_per_epoch(reference)
