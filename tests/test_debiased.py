@@ -283,7 +283,8 @@ def test_debiased_target_sharpens_the_likelihood(power: float) -> None:
     np.testing.assert_allclose(post[0] / post[3], 12.0 ** power, rtol=1e-4)
 
 
-# the k-NN case (the configs' score) in the default suite; the full-covariance one, slow (no config sets it)
+# the k-NN case (the configs' OOD score) in the default suite; the full-covariance score with the k-means +
+# diagonal EM partition of the UMAP space, slow (no config sets either; other default tests fit through UMAP)
 @pytest.mark.parametrize("knn", [pytest.param(False, marks=pytest.mark.slow), True], ids=["full_mahalanobis", "knn"])
 def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path, knn: bool) -> None:
     common = METHOD_ARGS["DebiasedClustering"] + data_args("digits", max_samples=400) + base_args(tmp_path, epochs=2)

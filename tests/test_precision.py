@@ -139,7 +139,8 @@ def _check_run(cli, probe: PrecisionProbe, precision: str) -> dict[str, float]:
 
 
 #: Run only with ``-m slow``: ``DebiasedClustering-augment`` has the neighbour pairs too, and the
-#: online method's soft assignments are options no shipped config sets (they use ``hard``).
+#: online method's neighbour pairs and soft assignments are options no shipped config sets (they use
+#: ``hard`` assignments without pairs).
 SLOW_PRECISION = ("DebiasedClustering-neighbours", "OnlineHardClustering-entropy", "OnlineHardClustering-sinkhorn",
                   "OnlineHardClustering-neighbours")
 
