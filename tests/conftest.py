@@ -76,6 +76,11 @@ METHOD_ARGS: dict[str, list[str]] = {
 }
 
 
+def slow_cases(cases, slow) -> list:
+    """``cases`` as ``pytest.mark.parametrize`` values, in order, those in ``slow`` marked ``slow``."""
+    return [pytest.param(c, marks=pytest.mark.slow) if c in slow else c for c in cases]
+
+
 def data_args(dataset: str = "digits", **options) -> list[str]:
     args = ["--data=ClusteringDataModule", f"--data.dataset={dataset}", "--data.batch_size=128"]
     args += [f"--data.{k}={v}" for k, v in options.items()]

@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from clusterlight.data import ClusteringDataModule
 from clusterlight.methods import JULE, SPC, AEKMeans, DebiasedClustering, OnlineHardClustering
+from tests.conftest import slow_cases
 from tests.ddp_equivalence import PROCESS_GROUP_TIMEOUT, RecordFit, assert_ranks_identical
 
 pytestmark = pytest.mark.ddp
@@ -65,8 +66,7 @@ def _fit(method: str, out: Path, *, callbacks: list, ckpt_path: str | None = Non
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("method", [m if m == "DebiasedClustering" else pytest.param(m, marks=pytest.mark.slow)
-                                    for m in MODELS])
+@pytest.mark.parametrize("method", slow_cases(list(MODELS), set(MODELS) - {"DebiasedClustering"}))
 def test_two_process_resume_from_mid_epoch_checkpoint(tmp_path: Path, method: str) -> None:
     ckpt = tmp_path / "mid.ckpt"
     full = _fit(method, tmp_path / "full", callbacks=[SaveAt(str(ckpt), step=13)])

@@ -58,7 +58,7 @@ from clusterlight.methods.ae_kmeans import squared_distances
 from clusterlight.methods.debiased import mixture_log_posterior
 from clusterlight.methods.jule import weighted_triplet_loss
 from clusterlight.nn.stats_pool import pooled_moments
-from tests.conftest import METHOD_ARGS, base_args, data_args
+from tests.conftest import METHOD_ARGS, base_args, data_args, slow_cases
 
 PRECISION_ARGS: dict[str, list[str]] = {
     **METHOD_ARGS,
@@ -145,8 +145,7 @@ SLOW_PRECISION = ("DebiasedClustering-neighbours", "OnlineHardClustering-entropy
                   "OnlineHardClustering-neighbours")
 
 
-@pytest.mark.parametrize("method", [m if m not in SLOW_PRECISION else pytest.param(m, marks=pytest.mark.slow)
-                                    for m in sorted(PRECISION_ARGS)])
+@pytest.mark.parametrize("method", slow_cases(sorted(PRECISION_ARGS), SLOW_PRECISION))
 def test_bf16_mixed_matches_fp32(tmp_path: Path, method: str) -> None:
     full = _check_run(*_fit(tmp_path / "fp32", method, "32-true"), "32-true")
     bf16 = _check_run(*_fit(tmp_path / "bf16", method, "bf16-mixed"), "bf16-mixed")

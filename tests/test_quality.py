@@ -9,7 +9,7 @@ from sklearn.cluster import KMeans
 
 from clusterlight.cli import main
 from clusterlight.metrics import matched_accuracy, normalized_mutual_info
-from tests.conftest import base_args
+from tests.conftest import base_args, slow_cases
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def raw_pixels_kmeans():
 
 
 # DEC (AE pretraining, then its own loss) in the default suite; AE + k-means, slow
-@pytest.mark.parametrize("method", [m if m == "dec" else pytest.param(m, marks=pytest.mark.slow) for m in sorted(BUDGETS)])
+@pytest.mark.parametrize("method", slow_cases(sorted(BUDGETS), {"ae_kmeans"}))
 def test_baseline_beats_raw_pixel_kmeans_on_usps(tmp_path: Path, method: str, raw_pixels_kmeans) -> None:
     cli = main(["fit", "--config", str(REPO / f"configs/{method}/usps.yaml"), *base_args(tmp_path, logger="none"),
                 *BUDGETS[method], "--trainer.max_epochs=" + BUDGETS[method][0].split("=")[1], "--test_after_fit=true"])

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from clusterlight.cli import main
 from clusterlight.errors import ClusterlightError
-from tests.conftest import METHOD_ARGS, base_args, data_args
+from tests.conftest import METHOD_ARGS, base_args, data_args, slow_cases
 
 EPOCHS = 3
 
@@ -120,8 +120,7 @@ SLOW_SIGTERM = ("DebiasedClustering-neighbours", "DEC-steplr", "OnlineHardCluste
                 "OnlineHardClustering-sinkhorn")
 
 
-@pytest.mark.parametrize("method", [m if m not in SLOW_SIGTERM else pytest.param(m, marks=pytest.mark.slow)
-                                    for m in sorted(CASES)])
+@pytest.mark.parametrize("method", slow_cases(sorted(CASES), SLOW_SIGTERM))
 def test_sigterm_mid_epoch_then_resume(tmp_path: Path, tmp_path_factory, references: dict, method: str) -> None:
     reference = _reference(references, tmp_path_factory, method)
     per_epoch = _batches_per_epoch(reference)
@@ -145,8 +144,7 @@ def test_sigterm_mid_epoch_then_resume(tmp_path: Path, tmp_path_factory, referen
 CRASH_DEFAULT = ("DebiasedClustering-steplr", "JULE")
 
 
-@pytest.mark.parametrize("method", [m if m in CRASH_DEFAULT else pytest.param(m, marks=pytest.mark.slow)
-                                    for m in sorted(CASES)])
+@pytest.mark.parametrize("method", slow_cases(sorted(CASES), set(CASES) - set(CRASH_DEFAULT)))
 def test_crash_after_periodic_checkpoint_then_resume(tmp_path: Path, tmp_path_factory, references: dict,
                                                      method: str) -> None:
     reference = _reference(references, tmp_path_factory, method)
