@@ -707,6 +707,48 @@ def test_rotation_negatives_add_rotated_pairs_to_the_contrast_loss(tmp_path: Pat
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 12), augment=1.0, rotation_negatives=True)
 
 
+def test_contrast_dims_feed_only_the_first_features_to_the_projection_head(tmp_path: Path, monkeypatch) -> None:
+    """``contrast_dims: m``: every projection of a view pair reads columns ``0..m-1`` of the
+    encoder's output for those images (the rest follow the reconstruction alone), the decoder
+    reads all of them, and bad values or a head without view pairs are refused."""
+    from clusterlight.methods import DebiasedClustering
+
+    m = 3
+    args = [*METHOD_ARGS["DebiasedClustering"], "--model.augment=1.0", f"--model.contrast_dims={m}",
+            *data_args("digits", max_samples=200), *base_args(tmp_path, epochs=2)]
+    cli = main(args, run=False)
+    model = cli.model
+    latent = model.representation.encode(torch.zeros(1, *model.input_shape)).shape[1]
+    assert latent > m
+    encoded, projected, decoded = [], [], []
+    original_encode, original_decode = model.representation.encode, model.representation.decode
+
+    def spy_encode(x):
+        out = original_encode(x)
+        encoded.append(out.detach().clone())
+        return out
+
+    def spy_decode(z):
+        decoded.append(z.shape[1])
+        return original_decode(z)
+
+    monkeypatch.setattr(model.representation, "encode", spy_encode)
+    monkeypatch.setattr(model.representation, "decode", spy_decode)
+    model.projector.register_forward_pre_hook(lambda _, inputs: projected.append(inputs[0].detach().clone()))
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    assert projected and decoded and set(decoded) == {latent}
+    for z in projected:
+        assert z.shape[1] == m
+        # the rows of some encoding, first m columns only
+        assert any(z.shape[0] <= e.shape[0] and any(torch.equal(z, e[s:s + len(z), :m]) for s in (0, len(e) - len(z)))
+                   for e in encoded)
+    for bad in (0, latent + 1, True):
+        with pytest.raises(ValueError, match="contrast_dims must be a positive integer"):
+            DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), latent_dim=latent, augment=1.0, contrast_dims=bad)
+    with pytest.raises(ValueError, match="contrast_dims needs view pairs"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), contrast_dims=2)
+
+
 @pytest.mark.slow
 def test_debias_views_weigh_the_contrast_loss_by_cardinality(tmp_path: Path, monkeypatch) -> None:
     """(Slow: about 15 s, for an option no config sets.) ``debias_views``: in co-training each NT-Xent call gets one weight per pair, of mean 1 over the

@@ -393,6 +393,12 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         contrast_weight: weight of the NT-Xent loss of the view pairs (neighbours and/or augmented copies) in ``R``'s loss.
         contrast_temperature: NT-Xent temperature.
         projection_dim: output size of ``R``'s projection head for the NT-Xent loss.
+        contrast_dims: the projection head reads only the first this many of ``R``'s
+            ``latent_dim`` features (``null``: all of them). The others are then shaped by the
+            reconstruction alone (and so is everything else the decoder needs): the view pairs'
+            invariances (augmented views, neighbours) reach only part of the features that the
+            clustering space and the OOD score read. Needs view pairs; no config sets it
+            (docs/flagship.md).
         rotation_negatives: shifted instances for ``R``'s contrast loss (item 5): each view pair
             also enters rotated by 90, 180 and 270 degrees, as three more pairs whose members are
             negatives of the upright ones. Needs view pairs (``neighbours`` or ``augment``) and
@@ -454,6 +460,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         contrast_weight: float = 1.0,
         contrast_temperature: float = 0.5,
         projection_dim: int = 64,
+        contrast_dims: int | None = None,
         rotation_negatives: bool = False,
         grad_clip: float | None = None,
         optimizer_r: OptimizerCallable = torch.optim.Adam,
@@ -626,7 +633,14 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self.rotation_negatives = bool(rotation_negatives)
         if debias_views and not views:
             raise ClusterlightError("debias_views needs view pairs: set neighbours > 0 or augment > 0")
-        self.projector = MLP(latent_dim, [2 * latent_dim], projection_dim) if views else None
+        if contrast_dims is not None:
+            _check_positive_int("contrast_dims", contrast_dims, f" at most latent_dim ({latent_dim})")
+            if contrast_dims > latent_dim:
+                raise ClusterlightError(f"contrast_dims must be a positive integer at most latent_dim ({latent_dim}), got {contrast_dims}")
+            if not views:
+                raise ClusterlightError("contrast_dims needs view pairs: set neighbours > 0 or augment > 0")
+        self.contrast_dims = latent_dim if contrast_dims is None else contrast_dims
+        self.projector = MLP(self.contrast_dims, [2 * latent_dim], projection_dim) if views else None
         # C's target embedding of every training sample (rows by dataset index), set when clustering starts
         self.register_buffer("manifold_target", torch.zeros(0, cluster_dim))
         self._register_load_state_dict_pre_hook(self._adapt_state_dict)
@@ -909,8 +923,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         z_a, z_n = both[: len(first)], both[len(first):]
         z_r = z_a[: len(images)]
         recon = self.representation.decode(z_r)
-        a, _ = self.gather_batch(self.projector(z_a))
-        b, _ = self.gather_batch(self.projector(z_n))
+        m = self.contrast_dims  # the features the view pairs shape; the others follow the reconstruction only
+        a, _ = self.gather_batch(self.projector(z_a[:, :m]))
+        b, _ = self.gather_batch(self.projector(z_n[:, :m]))
         return z_r, recon, (a, b)
 
     def _contrast(self, pairs: tuple[Tensor, Tensor] | None, weight: Tensor | None = None) -> Tensor:
