@@ -26,12 +26,12 @@ def _pixel_map(theta: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarra
     return np.stack([source(1, 0) - offset, source(0, 1) - offset], 1), offset  # columns: d/dr, d/dc
 
 
-def _scipy_warp(image: np.ndarray, theta: np.ndarray) -> np.ndarray:
+def _scipy_warp(image: np.ndarray, theta: np.ndarray, order: int = 1) -> np.ndarray:
     """The same resampling by scipy: pixel (row r, column c) of the output reads the input at the
     location that ``theta`` gives for the pixel centre's normalised coordinates (align_corners=False:
     ``x = (2c + 1) / W - 1``, back to pixels by ``c = ((x + 1) W - 1) / 2``)."""
     matrix, offset = _pixel_map(theta, *image.shape)
-    return ndimage.affine_transform(image, matrix, offset=offset, order=1, mode="grid-constant", cval=0.0)
+    return ndimage.affine_transform(image, matrix, offset=offset, order=order, mode="grid-constant", cval=0.0)
 
 
 def test_warp_matches_scipy_affine_transform_on_random_images() -> None:
@@ -42,6 +42,33 @@ def test_warp_matches_scipy_affine_transform_on_random_images() -> None:
     for i in range(6):
         ref = _scipy_warp(images[i, 0].double().numpy(), theta[i].double().numpy())
         np.testing.assert_allclose(out[i, 0].numpy(), ref, atol=1e-5)
+
+
+def test_nearest_warp_matches_scipy_order_zero_on_random_images() -> None:
+    gen = torch.Generator().manual_seed(5)
+    images = torch.rand(6, 1, 12, 16, generator=gen)
+    theta = affine_theta(torch.rand(6, 4, generator=gen), strength=2.0)
+    out = warp(images, theta, mode="nearest")
+    for i in range(6):
+        ref = _scipy_warp(images[i, 0].double().numpy(), theta[i].double().numpy(), order=0)
+        assert np.mean(np.isclose(out[i, 0].numpy(), ref, atol=1e-6)) > 0.98  # a sample exactly between two pixels may round either way
+        assert set(np.round(out[i, 0].numpy(), 6).ravel()) <= set(np.round(images[i, 0].numpy(), 6).ravel()) | {0.0}
+    with pytest.raises(ValueError, match="mode must be one of"):
+        warp(images, theta, mode="bicubic")
+
+
+def test_subpixel_shift_fades_stripes_bilinear_but_not_nearest() -> None:
+    """One-pixel vertical stripes (0, 1, 0, 1, ...) moved by 0.4 of a pixel: bilinear sampling mixes
+    each pair of columns 0.6 : 0.4 (stripes of 0.4 and 0.6), the nearest pixel keeps them (0 and 1)."""
+    stripes = torch.zeros(1, 1, 8, 8)
+    stripes[..., 1::2] = 1.0
+    # 0.4 pixel: 0.8 / W in normalised coordinates = 0.15 * 1 * (2u - 1)
+    u = torch.tensor([[0.5, 0.5, (0.8 / 8 / 0.15 + 1) / 2, 0.5]])
+    bilinear = random_affine(stripes, u, 1.0)[0, 0, :, :7]
+    nearest = random_affine(stripes, u, 1.0, mode="nearest")[0, 0, :, :7]
+    expected = torch.tensor([0.4, 0.6] * 3 + [0.4]).expand(8, 7)  # column c reads c + 0.4
+    torch.testing.assert_close(bilinear, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(nearest, stripes[0, 0, :, :7], atol=0, rtol=0)  # rounds to column c
 
 
 def test_theta_is_the_hand_computed_rotation_scale_and_shift() -> None:

@@ -590,8 +590,9 @@ def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: 
     calls = []
     original = debiased.random_affine
 
-    def spy(images, u, strength, parts):
-        out = original(images, u, strength, parts)
+    def spy(images, u, strength, parts, mode):
+        assert mode == "bilinear"  # the default resampling
+        out = original(images, u, strength, parts, mode)
         calls.append((images.detach().clone(), u.detach().clone(), strength, out.detach().clone(), parts))
         return out
 
@@ -747,6 +748,10 @@ def test_contrast_dims_feed_only_the_first_features_to_the_projection_head(tmp_p
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), latent_dim=latent, augment=1.0, contrast_dims=bad)
     with pytest.raises(ValueError, match="contrast_dims needs view pairs"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), contrast_dims=2)
+    with pytest.raises(ValueError, match="augment_interpolation must be one of"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment=1.0, augment_interpolation="bicubic")
+    with pytest.raises(ValueError, match="augment_interpolation needs augment > 0"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), augment_interpolation="nearest")
 
 
 @pytest.mark.slow

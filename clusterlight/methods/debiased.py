@@ -36,6 +36,7 @@ from clusterlight.errors import ClusterlightError
 from clusterlight.methods.base import ClusteringModule, ClusterOutput
 from clusterlight.methods.neighbours import PixelNeighbours
 from clusterlight.nn import MLP, ConvAutoencoder
+from clusterlight.nn.augment import INTERPOLATIONS as AFFINE_INTERPOLATIONS
 from clusterlight.nn.augment import PARTS as AFFINE_PARTS
 from clusterlight.nn.augment import random_affine
 from clusterlight.nn.contrastive import nt_xent
@@ -393,6 +394,10 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         contrast_weight: weight of the NT-Xent loss of the view pairs (neighbours and/or augmented copies) in ``R``'s loss.
         contrast_temperature: NT-Xent temperature.
         projection_dim: output size of ``R``'s projection head for the NT-Xent loss.
+        augment_interpolation: how the augmented views are resampled: ``bilinear`` (the default)
+            or ``nearest`` (the nearest pixel, no sub-pixel averaging: bilinear sampling between
+            pixels blurs fine texture, so R learns to ignore it). No config sets ``nearest``
+            (docs/flagship.md).
         contrast_dims: the projection head reads only the first this many of ``R``'s
             ``latent_dim`` features (``null``: all of them). The others are then shaped by the
             reconstruction alone (and so is everything else the decoder needs): the view pairs'
@@ -460,6 +465,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         contrast_weight: float = 1.0,
         contrast_temperature: float = 0.5,
         projection_dim: int = 64,
+        augment_interpolation: Literal["bilinear", "nearest"] = "bilinear",
         contrast_dims: int | None = None,
         rotation_negatives: bool = False,
         grad_clip: float | None = None,
@@ -617,6 +623,11 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
                     isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 4.0 for v in strengths.values()):
                 raise ClusterlightError(f"augment_strengths must map components drawn ({list(self.augment_parts)}) "
                                         f"to numbers in [0, 4], got {augment_strengths!r}")
+        if augment_interpolation not in AFFINE_INTERPOLATIONS:
+            raise ClusterlightError(f"augment_interpolation must be one of {list(AFFINE_INTERPOLATIONS)}, got {augment_interpolation!r}")
+        if augment_interpolation != "bilinear" and self.augment == 0:
+            raise ClusterlightError("augment_interpolation needs augment > 0")
+        self.augment_interpolation = augment_interpolation
         # one number when every component has the same strength: the maps are then those made before the option, bit for bit
         per_part = tuple(float(strengths.get(p, self.augment)) for p in AFFINE_PARTS)
         self.augment_strength: float | tuple[float, ...] = per_part[0] if len(set(per_part)) == 1 else per_part
@@ -914,7 +925,8 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             # a sample gets the same view whatever the number of processes
             n = len(self._datamodule().train_dataset)
             u = torch.rand((n, 4), generator=self.batch_generator(batch_idx, "augment"), device=self.device)
-            view = random_affine(view, u[index.to(self.device)], self.augment_strength, self.augment_parts)
+            view = random_affine(view, u[index.to(self.device)], self.augment_strength, self.augment_parts,
+                                 self.augment_interpolation)
         first = images
         if self.rotation_negatives:  # shifted instances: rotated pairs, negatives of the upright ones
             first = torch.cat([images] + [torch.rot90(images, r, (2, 3)) for r in (1, 2, 3)])

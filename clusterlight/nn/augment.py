@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PARTS", "affine_theta", "random_affine", "warp"]
+__all__ = ["INTERPOLATIONS", "PARTS", "affine_theta", "random_affine", "warp"]
 
 #: At ``strength`` 1: rotation up to 15 degrees either way, scale 0.85 to 1.15, shift up to 7.5 %
 #: of the width and of the height either way.
@@ -57,21 +57,31 @@ def affine_theta(u: Tensor, strength: float | Sequence[float], size: tuple[int, 
     return torch.stack([torch.stack([cos, -sin * aspect, tx], 1), torch.stack([sin / aspect, cos, ty], 1)], 1)
 
 
-def warp(images: Tensor, theta: Tensor) -> Tensor:
+#: The resampling modes of :func:`warp`.
+INTERPOLATIONS = ("bilinear", "nearest")
+
+
+def warp(images: Tensor, theta: Tensor, mode: str = "bilinear") -> Tensor:
     """Resample ``images`` ``(B, C, H, W)`` by ``theta`` ``(B, 2, 3)``: bilinear, zeros outside.
 
-    Computed in float32 with autocast off (grid sampling is sensitive to rounding); returned in the
+    ``mode: nearest`` copies the nearest input pixel instead: no sub-pixel averaging, so fine
+    texture keeps its contrast (bilinear sampling halfway between pixels averages a one-pixel
+    stripe pattern to flat). Computed in float32 with autocast off (grid sampling is sensitive to rounding); returned in the
     input's dtype.
     """
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"mode must be one of {list(INTERPOLATIONS)}, got {mode!r}")
     with torch.autocast(device_type=images.device.type, enabled=False):
         x = images.float()
         grid = F.affine_grid(theta.float().to(x.device), list(x.shape), align_corners=False)
-        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
     return out.to(images.dtype)
 
 
-def random_affine(images: Tensor, u: Tensor, strength: float | Sequence[float], parts: tuple[str, ...] = PARTS) -> Tensor:
-    """``images`` under the random affine maps of :func:`affine_theta` (``strength`` 0: unchanged)."""
+def random_affine(images: Tensor, u: Tensor, strength: float | Sequence[float], parts: tuple[str, ...] = PARTS,
+                  mode: str = "bilinear") -> Tensor:
+    """``images`` under the random affine maps of :func:`affine_theta` (``strength`` 0: unchanged),
+    resampled by :func:`warp` in ``mode``."""
     if (strength == 0) if isinstance(strength, (int, float)) else not any(strength):
         return images
-    return warp(images, affine_theta(u, strength, tuple(images.shape[-2:]), parts))
+    return warp(images, affine_theta(u, strength, tuple(images.shape[-2:]), parts), mode)
