@@ -5,6 +5,7 @@
     clusterlight bench run --budget paper --methods online_hard --datasets fashion_mnist \
         --override trainer.max_epochs=10 --override model.init_args.assignment=sinkhorn --variant sinkhorn_10ep
     clusterlight bench report results/bench_fast.jsonl --markdown results/bench_fast.md --figure results/bench_fast.png
+    clusterlight bench compare results/*.jsonl --a debiased:rerun1206 --b ae_kmeans:rerun1206 --datasets fashion_mnist
 
 (``python -m clusterlight.bench ...`` is the same.) Every run is ``clusterlight fit
 --config configs/<method>/<dataset>.yaml --test_after_fit true`` in a process of its own (so its
@@ -12,7 +13,9 @@ peak memory is its own), with the split's data options, the seed, and for the ``
 shorter schedule of :data:`FAST`, then the ``--override`` options. The ``paper`` budget uses the
 configs unchanged (the papers' schedules). Records are appended to the results file as JSON lines;
 a run whose key (method, variant, dataset, split, seed, budget) is already there is skipped, so an
-interrupted grid resumes. Stopping the grid (Ctrl-C, or SIGTERM from ``kill``, ``pkill`` or a job
+interrupted grid resumes. ``compare`` pairs two methods' records seed by seed (on the same
+machine unless ``--any-machine``) and gives the mean difference of each metric with its 95%
+paired-t interval, how often the first is higher and the sign test's p. Stopping the grid (Ctrl-C, or SIGTERM from ``kill``, ``pkill`` or a job
 scheduler) stops the run in flight with it; that run leaves no record.
 
 Labels are read only by the test metrics, as in every clusterlight run.
@@ -529,6 +532,128 @@ def report(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- compare
+COMPARE_METRICS = ["acc", "nmi", "ari", "tail_acc", "ood_auroc"]
+
+
+def parse_side(spec: str) -> tuple[str, set[str]]:
+    """``method`` or ``method:variant[,variant...]`` -> (method, variants); ``""`` is the unlabelled records."""
+    method, colon, variants = spec.partition(":")
+    if method not in METHODS:
+        raise SystemExit(f"error: --a/--b takes METHOD[:VARIANT[,VARIANT...]] with METHOD one of {', '.join(METHODS)}, got {spec!r}")
+    names = set(variants.split(",")) if colon else {""}
+    bad = sorted(v for v in names if v and not re.fullmatch(r"[A-Za-z0-9_.+-]+", v))
+    if bad:
+        raise SystemExit(f"error: variant names take letters, digits and _.+- only, got {bad[0]!r} in {spec!r}")
+    return method, names
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (ties dropped): ``P(X <= min) + P(X >= max)`` for X ~ Binomial(n, 1/2), at most 1."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The paired-t interval of the mean difference (``None`` below two pairs)."""
+    n = len(diffs)
+    if n < 2:
+        return None
+    from scipy.stats import t
+
+    mean, sd = _mean_std(diffs)
+    half = float(t.ppf(0.5 + level / 2.0, n - 1)) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def pair_records(records: list[dict[str, Any]], a: tuple[str, set[str]], b: tuple[str, set[str]],
+                 any_machine: bool = False) -> dict[tuple, list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """(budget, dataset, split) -> the pairs (record of a, record of b) of the same seed (and machine).
+
+    A record's machine is its ``cpu`` field (``""`` when it has none: such records pair only with
+    each other). Two records of one side with the same cell, seed (and machine) are an error: name
+    the variants so that one is left.
+    """
+    sides: list[dict[tuple, dict[tuple, dict[str, Any]]]] = [defaultdict(dict), defaultdict(dict)]
+    for r in records:
+        for side, (method, variants) in zip(sides, (a, b)):
+            if r["method"] != method or (r.get("variant") or "") not in variants:
+                continue
+            cell = (r["budget"], r["dataset"], r["split"])
+            k = (int(r["seed"]),) if any_machine else (int(r["seed"]), r.get("cpu") or "")
+            if k in side[cell]:
+                where = "" if any_machine else f" on {k[1] or 'an unnamed machine'}"
+                raise SystemExit(f"error: two records of {label(r)} ({label(side[cell][k])} too) for {' '.join(cell[1:])} "
+                                 f"{cell[0]} seed {k[0]}{where}: name fewer variants")
+            side[cell][k] = r
+    out = {}
+    for cell in sorted(set(sides[0]) & set(sides[1])):
+        keys = sorted(set(sides[0][cell]) & set(sides[1][cell]))
+        if keys:
+            out[cell] = [(sides[0][cell][k], sides[1][cell][k]) for k in keys]
+    return out
+
+
+def compare_markdown(pairs: dict[tuple, list[tuple[dict[str, Any], dict[str, Any]]]], a: str, b: str,
+                     metrics: list[str], any_machine: bool = False) -> str:
+    """One row per cell and metric: means, mean difference, its paired-t interval, wins, sign test."""
+    where = "" if any_machine else " on the same machine"
+    head = (f"A = `{a}`, B = `{b}`; pairs of the same seed{where}; 95% interval of the mean difference: paired t; "
+            "sign test: two-sided, ties dropped.")
+    lines = [head, "",
+             "| budget | dataset | split | metric | pairs | A | B | A − B | 95% interval | A higher | sign test p |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (budget, dataset, split), ps in pairs.items():
+        for m in metrics:
+            both = [(float(ra[m]), float(rb[m])) for ra, rb in ps if ra.get(m) is not None and rb.get(m) is not None]
+            if not both:
+                continue
+            diffs = [x - y for x, y in both]
+            wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+            ties = len(diffs) - wins - losses
+            ci = paired_t_interval(diffs)
+            mean_a = sum(x for x, _ in both) / len(both)
+            mean_b = sum(y for _, y in both) / len(both)
+            lines.append(f"| {budget} | {dataset} | {split} | {m} | {len(both)} | {mean_a:.3f} | {mean_b:.3f} | "
+                         f"{mean_a - mean_b:+.3f} | {'' if ci is None else f'[{ci[0]:+.3f}, {ci[1]:+.3f}]'} | "
+                         f"{wins} of {len(both)}{f' ({ties} tied)' if ties else ''} | {sign_test_p(wins, losses):.3f} |")
+    return "\n".join(lines)
+
+
+def compare(a: argparse.Namespace) -> int:
+    side_a, side_b = parse_side(a.a), parse_side(a.b)
+    unknown = sorted(set(a.metrics) - set(METRICS))
+    if unknown:
+        raise SystemExit(f"error: --metrics takes names of {', '.join(METRICS)}, got {', '.join(unknown)}")
+    paths = [Path(p) for p in a.results]
+    for p in paths:
+        if not p.is_file():
+            raise SystemExit(f"error: results file {p} does not exist")
+    records = []
+    for p in paths:
+        for n, r in enumerate(read_records(p), 1):
+            missing = [k for k in ("method", "dataset", "split", "seed", "budget") if k not in r]
+            if missing:
+                raise SystemExit(f"error: {p}: record {n} is not a bench record (no {', '.join(missing)})")
+            records.append(r)
+    records = [r for r in records
+               if (a.budget is None or r["budget"] == a.budget) and (not a.datasets or r["dataset"] in a.datasets)
+               and (not a.splits or r["split"] in a.splits)]
+    pairs = pair_records(records, side_a, side_b, a.any_machine)
+    if not pairs:
+        raise SystemExit(f"error: no seed has records of both {a.a} and {a.b}"
+                         f"{'' if a.any_machine else ' on one machine (--any-machine pairs across machines)'}")
+    text = compare_markdown(pairs, a.a, a.b, a.metrics, a.any_machine)
+    if a.markdown:
+        Path(a.markdown).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clusterlight bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -550,6 +675,19 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--markdown", help="write the table here (default: print it)")
     q.add_argument("--figure", help="write the ACC / tail-ACC vs imbalance ratio figure (PNG) here")
     q.add_argument("--readme", help="replace the report between this README's bench-report markers")
+    c = sub.add_parser("compare", help="pair two methods' records seed by seed: mean differences, 95%% intervals, sign tests")
+    c.add_argument("results", nargs="+")
+    c.add_argument("--a", required=True, metavar="METHOD[:VARIANT,...]",
+                   help="the first side: a method's records of these variants (an empty name: the unlabelled ones; "
+                        "default: only those), e.g. debiased:,rerun1206")
+    c.add_argument("--b", required=True, metavar="METHOD[:VARIANT,...]", help="the second side, likewise")
+    c.add_argument("--budget", choices=BUDGETS)
+    c.add_argument("--datasets", nargs="+")
+    c.add_argument("--splits", nargs="+")
+    c.add_argument("--metrics", nargs="+", default=COMPARE_METRICS)
+    c.add_argument("--any-machine", action="store_true",
+                   help="pair by seed alone (default: by seed and machine, the records' cpu field)")
+    c.add_argument("--markdown", help="write the table here (default: print it)")
     return p
 
 
@@ -562,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
                     if d not in FAST[m]:
                         raise SystemExit(f"error: the fast budget has no schedule for {m} on {d}; use --budget paper")
         return run_grid(a)
+    if a.command == "compare":
+        return compare(a)
     return report(a)
 
 

@@ -253,3 +253,97 @@ def test_cpu_name_parses_the_first_processor():
     assert bench.cpu_name(x86) == "Intel(R) Xeon(R) Processor (family 6 model 167)" + tail
     assert bench.cpu_name(arm).endswith(" (implementer 0x41 part 0xd0c)" + tail)
     assert not bench.cpu_name(arm).startswith("unknown") and not bench.cpu_name("").startswith(("unknown", " "))
+
+
+@pytest.mark.parametrize("wins,losses", [(0, 0), (5, 0), (0, 7), (3, 7), (6, 4), (10, 10), (1, 12)])
+def test_sign_test_matches_scipy_binomtest(wins: int, losses: int) -> None:
+    from scipy.stats import binomtest
+
+    expected = 1.0 if wins + losses == 0 else binomtest(wins, wins + losses, 0.5).pvalue
+    assert bench.sign_test_p(wins, losses) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_paired_interval_matches_scipy_ttest_rel() -> None:
+    from scipy.stats import ttest_rel
+
+    rng = np.random.default_rng(4)
+    for n in (2, 5, 10):
+        a, b = rng.uniform(size=n), rng.uniform(size=n)
+        ref = ttest_rel(a, b).confidence_interval(0.95)
+        lo, hi = bench.paired_t_interval(list(a - b))
+        assert (lo, hi) == pytest.approx((ref.low, ref.high), rel=1e-10)
+    assert bench.paired_t_interval([0.1]) is None
+
+
+def _compare_records() -> list[dict]:
+    """Two methods on two splits, seeds 0 to 5 on machine X; method b also has seed 0 to 2 on machine Y,
+    and an unlabelled plus a variant record set for a."""
+    rng = np.random.default_rng(7)
+    out = []
+    for split in ("lt10", "lt100"):
+        for seed in range(6):
+            for method, variant, cpu in (("debiased", "v1", "X"), ("dec", "", "X")):
+                out.append({"method": method, "variant": variant, "dataset": "usps", "split": split, "seed": seed,
+                            "budget": "fast", "cpu": cpu, "acc": float(rng.uniform()), "tail_acc": float(rng.uniform()),
+                            "ood_auroc": None})
+        for seed in range(3):
+            out.append({"method": "dec", "dataset": "usps", "split": split, "seed": seed + 10, "budget": "fast",
+                        "cpu": "Y", "acc": 0.5, "tail_acc": 0.5})
+            out.append({"method": "debiased", "variant": "other", "dataset": "usps", "split": split, "seed": seed + 10,
+                        "budget": "fast", "acc": 0.9, "tail_acc": 0.9})  # no machine named: pairs with no one by default
+    return out
+
+
+def _rows(text: str) -> dict[tuple, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| fast |"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[(cells[2], cells[3])] = cells
+    return rows
+
+
+def test_compare_pairs_seeds_on_one_machine_and_matches_numpy(tmp_path) -> None:
+    from scipy.stats import binomtest, ttest_rel
+
+    records = _compare_records()
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "c.md"
+    assert bench.main(["compare", str(path), "--a", "debiased:v1", "--b", "dec", "--metrics", "acc", "tail_acc",
+                       "ood_auroc", "--markdown", str(out)]) == 0
+    rows = _rows(out.read_text())
+    assert set(rows) == {(s, m) for s in ("lt10", "lt100") for m in ("acc", "tail_acc")}  # no AUROC in either
+    for split in ("lt10", "lt100"):
+        for metric in ("acc", "tail_acc"):
+            a = np.array([r[metric] for r in records if r["method"] == "debiased" and r.get("variant") == "v1" and r["split"] == split])
+            b = np.array([r[metric] for r in records if r["method"] == "dec" and r["cpu"] == "X" and r["split"] == split])
+            cells = rows[(split, metric)]
+            ci = ttest_rel(a, b).confidence_interval(0.95)
+            wins = int((a > b).sum())
+            assert cells[4] == "6" and cells[5] == f"{a.mean():.3f}" and cells[6] == f"{b.mean():.3f}"
+            assert cells[7] == f"{a.mean() - b.mean():+.3f}" and cells[8] == f"[{ci.low:+.3f}, {ci.high:+.3f}]"
+            assert cells[9] == f"{wins} of 6" and cells[10] == f"{binomtest(wins, 6, 0.5).pvalue:.3f}"
+    # across machines: seeds 10 to 12 of the unnamed machine pair with machine Y's
+    text = bench.compare_markdown(bench.pair_records(records, ("debiased", {"other"}), ("dec", {""}), any_machine=True),
+                                  "a", "b", ["acc"], True)
+    assert _rows(text)[("lt10", "acc")][4:10] == ["3", "0.900", "0.500", "+0.400", "[+0.400, +0.400]", "3 of 3"]
+    assert not bench.pair_records(records, ("debiased", {"other"}), ("dec", {""}))
+
+
+def test_compare_refuses_bad_input_in_one_line(tmp_path) -> None:
+    records = _compare_records()
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(SystemExit, match="METHOD one of"):
+        bench.main(["compare", str(path), "--a", "flagship", "--b", "dec"])
+    with pytest.raises(SystemExit, match="no seed has records of both"):
+        bench.main(["compare", str(path), "--a", "debiased:nothing", "--b", "dec"])
+    with pytest.raises(SystemExit, match="two records of debiased.v1. .*usps lt10 fast seed 0 on X"):  # one run recorded twice
+        bench.pair_records(records + [dict(records[0])], ("debiased", {"v1"}), ("dec", {""}))
+    with pytest.raises(SystemExit, match="--metrics takes names of"):
+        bench.main(["compare", str(path), "--a", "debiased:v1", "--b", "dec", "--metrics", "accuracy"])
+    other = tmp_path / "scaling.jsonl"
+    other.write_text('{"n": 100, "seconds": 1.0}\n')
+    with pytest.raises(SystemExit, match="record 1 is not a bench record"):
+        bench.main(["compare", str(path), str(other), "--a", "debiased:v1", "--b", "dec"])
