@@ -13,10 +13,11 @@ peak memory is its own), with the split's data options, the seed, and for the ``
 shorter schedule of :data:`FAST`, then the ``--override`` options. The ``paper`` budget uses the
 configs unchanged (the papers' schedules). Records are appended to the results file as JSON lines;
 a run whose key (method, variant, dataset, split, seed, budget) is already there is skipped, so an
-interrupted grid resumes. ``compare`` pairs two methods' records seed by seed (on the same
-machine unless ``--any-machine``) and gives the mean difference of each metric with its 95%
-paired-t interval, how often the first is higher and the sign test's p. Stopping the grid (Ctrl-C, or SIGTERM from ``kill``, ``pkill`` or a job
-scheduler) stops the run in flight with it; that run leaves no record.
+interrupted grid resumes. Stopping the grid (Ctrl-C, or SIGTERM from ``kill``, ``pkill`` or a job
+scheduler) stops the run in flight with it; that run leaves no record. ``compare`` pairs two
+methods' records seed by seed (on the same machine unless ``--any-machine``) and gives the mean
+difference of each metric with its 95% paired-t interval, how often the first is higher and the
+sign test's p.
 
 Labels are read only by the test metrics, as in every clusterlight run.
 """
