@@ -152,7 +152,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        (USPS, ``fast`` budget: ACC 0.846 +- 0.009 over three seeds against 0.766 +- 0.067 with
        k-means and a diagonal EM, ``init_partition: kmeans``; docs/results.md). Likelihood still
        draws a big class whose samples do not fit one Gaussian as two clusters, and with ``K``
-       fixed two smaller classes then share one; ``refine_cut`` (an option, no config sets it) makes
+       fixed two smaller classes then share one; ``refine_cut`` (the Fashion-MNIST config sets it) makes
        merge-and-split moves while they lower the normalised cut of the k-NN graph of ``R``'s
        features (:func:`~clusterlight.cluster.mixture.refine_by_cut`).
     2. *Debiased target* (``C``): ``p ~ q^2 * pi / f`` (see :func:`debiased_target`): DEC's
