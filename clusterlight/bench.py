@@ -677,7 +677,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--figure", help="write the ACC / tail-ACC vs imbalance ratio figure (PNG) here")
     q.add_argument("--readme", help="replace the report between this README's bench-report markers")
     c = sub.add_parser("compare", help="pair two methods' records seed by seed: mean differences, 95%% intervals, sign tests")
-    c.add_argument("results", nargs="+")
+    c.add_argument("results", nargs="+", help="bench results files (JSON lines of `bench run`)")
     c.add_argument("--a", required=True, metavar="METHOD[:VARIANT,...]",
                    help="the first side: a method's records of these variants (an empty name: the unlabelled ones; "
                         "default: only those), e.g. debiased:,rerun1206")
