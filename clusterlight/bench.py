@@ -501,12 +501,25 @@ def update_readme(readme: Path, text: str) -> None:
     os.replace(tmp, readme)
 
 
-def report(a: argparse.Namespace) -> int:
-    paths = [Path(p) for p in a.results]
+def load_results(results: list[str]) -> list[dict[str, Any]]:
+    """The records of every results file, in order; a one-line error for a missing file or a line
+    that is not a bench record."""
+    paths = [Path(p) for p in results]
     for p in paths:
         if not p.is_file():
             raise SystemExit(f"error: results file {p} does not exist (make it with `clusterlight bench run --out {p}`)")
-    records = [r for p in paths for r in read_records(p)]
+    records = []
+    for p in paths:
+        for n, r in enumerate(read_records(p), 1):
+            missing = [k for k in ("method", "dataset", "split", "seed", "budget") if k not in r]
+            if missing:
+                raise SystemExit(f"error: {p}: record {n} is not a bench record (no {', '.join(missing)})")
+            records.append(r)
+    return records
+
+
+def report(a: argparse.Namespace) -> int:
+    records = load_results(a.results)
     if not records:
         raise SystemExit(f"error: no records in {' '.join(a.results)}")
     if a.readme and not Path(a.readme).is_file():
@@ -616,8 +629,7 @@ def compare_markdown(pairs: dict[tuple, list[tuple[dict[str, Any], dict[str, Any
             wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
             ties = len(diffs) - wins - losses
             ci = paired_t_interval(diffs)
-            mean_a = sum(x for x, _ in both) / len(both)
-            mean_b = sum(y for _, y in both) / len(both)
+            mean_a, mean_b = _mean_std([x for x, _ in both])[0], _mean_std([y for _, y in both])[0]
             lines.append(f"| {budget} | {dataset} | {split} | {m} | {len(both)} | {mean_a:.3f} | {mean_b:.3f} | "
                          f"{mean_a - mean_b:+.3f} | {'' if ci is None else f'[{ci[0]:+.3f}, {ci[1]:+.3f}]'} | "
                          f"{wins} of {len(both)}{f' ({ties} tied)' if ties else ''} | {sign_test_p(wins, losses):.3f} |")
@@ -629,18 +641,7 @@ def compare(a: argparse.Namespace) -> int:
     unknown = sorted(set(a.metrics) - set(METRICS))
     if unknown:
         raise SystemExit(f"error: --metrics takes names of {', '.join(METRICS)}, got {', '.join(unknown)}")
-    paths = [Path(p) for p in a.results]
-    for p in paths:
-        if not p.is_file():
-            raise SystemExit(f"error: results file {p} does not exist")
-    records = []
-    for p in paths:
-        for n, r in enumerate(read_records(p), 1):
-            missing = [k for k in ("method", "dataset", "split", "seed", "budget") if k not in r]
-            if missing:
-                raise SystemExit(f"error: {p}: record {n} is not a bench record (no {', '.join(missing)})")
-            records.append(r)
-    records = [r for r in records
+    records = [r for r in load_results(a.results)
                if (a.budget is None or r["budget"] == a.budget) and (not a.datasets or r["dataset"] in a.datasets)
                and (not a.splits or r["split"] in a.splits)]
     pairs = pair_records(records, side_a, side_b, a.any_machine)

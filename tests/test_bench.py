@@ -276,8 +276,8 @@ def test_paired_interval_matches_scipy_ttest_rel() -> None:
 
 
 def _compare_records() -> list[dict]:
-    """Two methods on two splits, seeds 0 to 5 on machine X; method b also has seed 0 to 2 on machine Y,
-    and an unlabelled plus a variant record set for a."""
+    """Two methods on two splits, seeds 0 to 5 on machine X (``debiased[v1]`` and unlabelled ``dec``);
+    ``dec`` also has seeds 10 to 12 on machine Y, and ``debiased[other]`` the same seeds on no named machine."""
     rng = np.random.default_rng(7)
     out = []
     for split in ("lt10", "lt100"):

@@ -645,9 +645,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if debias_views and not views:
             raise ClusterlightError("debias_views needs view pairs: set neighbours > 0 or augment > 0")
         if contrast_dims is not None:
-            _check_positive_int("contrast_dims", contrast_dims, f" at most latent_dim ({latent_dim})")
-            if contrast_dims > latent_dim:
-                raise ClusterlightError(f"contrast_dims must be a positive integer at most latent_dim ({latent_dim}), got {contrast_dims}")
+            if isinstance(contrast_dims, bool) or not isinstance(contrast_dims, int) or not 1 <= contrast_dims <= latent_dim:
+                raise ClusterlightError(f"contrast_dims must be a positive integer at most latent_dim ({latent_dim}), "
+                                        f"got {contrast_dims!r}")
             if not views:
                 raise ClusterlightError("contrast_dims needs view pairs: set neighbours > 0 or augment > 0")
         self.contrast_dims = latent_dim if contrast_dims is None else contrast_dims

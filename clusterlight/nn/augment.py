@@ -66,8 +66,8 @@ def warp(images: Tensor, theta: Tensor, mode: str = "bilinear") -> Tensor:
 
     ``mode: nearest`` copies the nearest input pixel instead: no sub-pixel averaging, so fine
     texture keeps its contrast (bilinear sampling halfway between pixels averages a one-pixel
-    stripe pattern to flat). Computed in float32 with autocast off (grid sampling is sensitive to rounding); returned in the
-    input's dtype.
+    stripe pattern to flat). Computed in float32 with autocast off (grid sampling is sensitive to
+    rounding); returned in the input's dtype.
     """
     if mode not in INTERPOLATIONS:
         raise ValueError(f"mode must be one of {list(INTERPOLATIONS)}, got {mode!r}")
