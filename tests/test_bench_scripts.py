@@ -286,3 +286,42 @@ def test_cluster_contents_by_hand() -> None:
     lines, lost = mod.contents(pred, target, 3, names)  # three clusters, four classes: one class has none
     assert lines == ["a <- a 3 + c 1", lines[1], "b <- b 2 + c 1"] and lines[1].split(" <- ")[0] in ("c", "d")
     assert len(lost) == 1 and lost[0] in ("c", "d") and lost[0] != lines[1].split(" <- ")[0]
+
+
+def test_initial_partition_summary_by_hand() -> None:
+    """``scripts/initial_partition.py``'s summary on a hand-made case: class a drawn as two clusters,
+    classes c and d sharing one (c the larger), an empty cluster skipped."""
+    mod = _script("initial_partition")
+    names = ["a", "b", "c", "d"]
+    # cluster 0: a x3 + b x1; cluster 1: a x2; cluster 2: b x2; cluster 3: empty; cluster 4: c x3 + d x1
+    pred = np.array([0, 0, 0, 0, 1, 1, 2, 2, 4, 4, 4, 4])
+    target = np.array([0, 0, 0, 1, 0, 0, 1, 1, 2, 2, 3, 2])
+    lines, twice, none = mod.summary(pred, target, 5, names)
+    assert lines == ["4: a 3 + b 1", "4: c 3 + d 1", "2: a 2", "2: b 2"]
+    assert twice == ["a"] and none == ["d"]
+    line = mod.describe(7, "moved", pred, target, 5, names)
+    assert line == "seed 7 moved | 2+ clusters: a | majority in none: d | 4: a 3 + b 1 | 4: c 3 + d 1 | 2: a 2 | 2: b 2"
+
+
+@pytest.mark.slow
+def test_initial_partition_through_a_fit() -> None:
+    """``scripts/initial_partition.py`` stops a real fit (digits ``lt100``, one pretraining epoch) at
+    the initial partition and returns it: the moved partition is ``refine_by_cut`` of the initial
+    one on the 15-NN graph of R's standardised features, that graph built here by scikit-learn
+    (this case makes moves: 103 training images change cluster on the Xeon machine type)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from clusterlight.cluster.mixture import refine_by_cut
+
+    mod = _script("initial_partition")
+    got = mod.initial_partition("digits", "lt100", 0, "paper", [
+        "model.init_args.pretrain_epochs=1", "trainer.max_epochs=3", "model.init_args.refine_cut=15"])
+    n, k = got["initial"].shape
+    assert k == 10 and got["moved"].shape == (n, k) and got["z_r"].shape[0] == n == got["labels"].shape[0]
+    assert set(got["labels"].tolist()) == set(range(10)) and got["names"] == [str(c) for c in range(10)]
+    z = got["z_r"].double().numpy()
+    z = (z - z.mean(0)) / np.maximum(z.std(0, ddof=1), 1e-6)
+    graph = NearestNeighbors(n_neighbors=16).fit(z).kneighbors(z, return_distance=False)[:, 1:]
+    moved, _ = refine_by_cut(got["initial"], torch.from_numpy(graph), got["space"], seed=0)
+    np.testing.assert_array_equal(moved.argmax(1).numpy(), got["moved"].argmax(1).numpy())
+    assert bool((got["initial"].argmax(1) != got["moved"].argmax(1)).any())  # the moves were made, not skipped
