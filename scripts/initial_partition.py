@@ -3,18 +3,20 @@
 For one cell of the benchmark grid (``DebiasedClustering``'s config for ``--dataset``, the
 ``--split``'s data options, the ``--budget``'s options and any ``--override``, as ``clusterlight
 bench run`` composes them), each seed's fit runs only until the initial partition is made (R
-pretrained, UMAP, the mixture, ``refine_cut``'s moves when the config sets them) and is stopped
-there. What each cluster of that partition holds is printed by class, before the moves
+pretrained, UMAP, the mixture, ``refine_cut``'s moves when the config sets them) and the
+networks' statistics are set from it, and is stopped there, before any co-training epoch. What each cluster of that partition holds is printed by class, before the moves
 (``initial``) and after them (``moved``; the same partition when no move was made):
 
-    seed 0 initial | 2+ clusters: T-shirt/top, bag | majority in none: dress, coat, shirt | 311: trouser 220 + dress 64 | ...
+    seed 0 initial | 2+ clusters: T-shirt/top, Bag | majority in none: Dress, Coat, Shirt | 545: Bag 530 + Sandal 9 | ...
 
 "2+ clusters" names the classes that are the largest class of two clusters or more, "majority in
 none" the classes that are the largest class of no cluster; then each cluster's size and its two
 largest classes. The training labels are read here only to describe the partition; no method
-reads this script. ``--save DIR`` also writes each seed's R features, clustering space,
-responsibilities (before and after the moves) and labels to ``DIR/<split>-seed<s>.pt``, for
-offline work on the moves.
+reads this script. ``--save DIR`` also writes each seed's R features, responsibilities (before
+and after the moves), labels and, when the config sets ``refine_cut``, the space the moves split
+in (the first UMAP embedding with ``umap_runs > 1``) to ``DIR/<split>-seed<s>.pt``, for offline
+work on the moves. The ``fast`` budget has options for USPS, COIL-20 and Fashion-MNIST only;
+other datasets take ``--budget paper`` (their configs' schedules) with ``--override``s.
 
     python scripts/initial_partition.py --dataset fashion_mnist --split lt10_ood --seeds 0 1 2
 """
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from clusterlight import cli as C
-from clusterlight.bench import SPLITS, run_args
+from clusterlight.bench import FAST, NUM_CLASSES, SPLITS, run_args
 from clusterlight.methods import debiased as D
 
 
@@ -114,14 +116,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, help="a dataset with a configs/debiased/<dataset>.yaml")
     parser.add_argument("--split", required=True, choices=sorted(SPLITS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--budget", choices=["fast", "paper"], default="fast")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, one fit each")
+    parser.add_argument("--budget", choices=["fast", "paper"], default="fast",
+                        help="the budget's options, as for bench run (fast: usps, coil20, fashion_mnist)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="an option after the budget's, as for bench run (repeatable)")
-    parser.add_argument("--save", type=Path, help="write each seed's tensors to DIR/<split>-seed<s>.pt")
+    parser.add_argument("--save", type=Path, metavar="DIR", help="write each seed's tensors to DIR/<split>-seed<s>.pt")
     args = parser.parse_args()
     if not (Path(__file__).resolve().parents[1] / "configs" / "debiased" / f"{args.dataset}.yaml").is_file():
         raise SystemExit(f"error: no config configs/debiased/{args.dataset}.yaml")
+    if args.budget == "fast" and args.dataset not in FAST["debiased"]:
+        raise SystemExit(f"error: the fast budget has no options for {args.dataset} "
+                         f"(it has {', '.join(sorted(FAST['debiased']))}); use --budget paper")
+    if args.dataset not in NUM_CLASSES:
+        raise SystemExit(f"error: bench's splits do not know {args.dataset} (they know {', '.join(sorted(NUM_CLASSES))})")
     os.environ.setdefault("WANDB_MODE", "disabled")
     for seed in args.seeds:
         got = initial_partition(args.dataset, args.split, seed, args.budget, args.override)

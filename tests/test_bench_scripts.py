@@ -312,11 +312,14 @@ def test_initial_partition_through_a_fit() -> None:
     from sklearn.neighbors import NearestNeighbors
 
     from clusterlight.cluster.mixture import refine_by_cut
+    from clusterlight.methods import debiased as D
 
     mod = _script("initial_partition")
+    hooks = (D.DebiasedClustering.init_clusters, D.DebiasedClustering._refine_by_cut)
     got = mod.initial_partition("digits", "lt100", 0, "paper", [
         "model.init_args.pretrain_epochs=1", "trainer.max_epochs=3", "model.init_args.refine_cut=15"])
     n, k = got["initial"].shape
+    assert (D.DebiasedClustering.init_clusters, D.DebiasedClustering._refine_by_cut) == hooks  # restored
     assert k == 10 and got["moved"].shape == (n, k) and got["z_r"].shape[0] == n == got["labels"].shape[0]
     assert set(got["labels"].tolist()) == set(range(10)) and got["names"] == [str(c) for c in range(10)]
     z = got["z_r"].double().numpy()
