@@ -270,6 +270,22 @@ def cli_entry() -> None:
     except SIGTERMException:  # Lightning stopped the fit after a batch; ClusteringCheckpoint saved last.ckpt
         print("clusterlight: stopped by SIGTERM; continue with the same command and --ckpt_path last", file=sys.stderr)
         raise SystemExit(128 + 15) from None
+    else:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy the default process group of a finished multi-process run, while the interpreter is whole.
+
+    Left to interpreter exit, a gloo process group's worker threads can end the process with
+    "terminate called without an active exception" (SIGABRT) after the run has finished, which a
+    job scheduler reports as a failure (seen once in ``tests/test_torchrun.py``; pytorch/pytorch#190489).
+    Only after a run that ended normally: with an error, another rank may still wait in a collective.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
