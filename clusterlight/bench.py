@@ -2,6 +2,7 @@
 
     clusterlight bench run --budget fast --out results/bench_fast.jsonl
     clusterlight bench run --budget fast --methods dec jule --datasets usps --splits balanced lt10 --seeds 0 1 2
+    clusterlight bench run --budget fast --methods debiased dec --datasets usps --splits lt10_ood --seeds 0 --data-seeds 1 2 3
     clusterlight bench run --budget paper --methods online_hard --datasets fashion_mnist \
         --override trainer.max_epochs=10 --override model.init_args.assignment=sinkhorn --variant sinkhorn_10ep
     clusterlight bench report results/bench_fast.jsonl --markdown results/bench_fast.md --figure results/bench_fast.png
@@ -11,11 +12,15 @@
 --config configs/<method>/<dataset>.yaml --test_after_fit true`` in a process of its own (so its
 peak memory is its own), with the split's data options, the seed, and for the ``fast`` budget the
 shorter schedule of :data:`FAST`, then the ``--override`` options. The ``paper`` budget uses the
-configs unchanged (the papers' schedules). Records are appended to the results file as JSON lines;
-a run whose key (method, variant, dataset, split, seed, budget) is already there is skipped, so an
-interrupted grid resumes. Stopping the grid (Ctrl-C, or SIGTERM from ``kill``, ``pkill`` or a job
+configs unchanged (the papers' schedules). ``--data-seeds`` sets the data module's split seed
+(``data.init_args.seed``, 0 unless given): it draws the long-tailed splits' class order (which
+classes are the head and which the tail), the sample cap and the held-out test images, while
+``--seeds`` sets the training seed; a grid over several data seeds measures a setting on several
+class orders, not only on the one it may have been tuned on. Records are appended to the results
+file as JSON lines; a run whose key (method, variant, dataset, split, seed, data seed, budget) is
+already there is skipped, so an interrupted grid resumes. Stopping the grid (Ctrl-C, or SIGTERM from ``kill``, ``pkill`` or a job
 scheduler) stops the run in flight with it; that run leaves no record. ``compare`` pairs two
-methods' records seed by seed (on the same machine unless ``--any-machine``) and gives the mean
+methods' records seed by seed (training and data seed; on the same machine unless ``--any-machine``) and gives the mean
 difference of each metric with its 95% paired-t interval, how often the first is higher and the
 sign test's p.
 
@@ -213,8 +218,20 @@ def config_hash(args: list[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
+DATA_SEED_OPTION = "--data.init_args.seed="
+
+
+def data_seed(r: dict[str, Any]) -> int:
+    """A record's split seed: its ``data_seed`` field; for records from before the field, the last
+    ``--data.init_args.seed=`` among its run's arguments (an ``--override``), else 0 (the default)."""
+    if r.get("data_seed") is not None:
+        return int(r["data_seed"])
+    given = [a[len(DATA_SEED_OPTION):] for a in r.get("args") or [] if isinstance(a, str) and a.startswith(DATA_SEED_OPTION)]
+    return int(given[-1]) if given else 0
+
+
 def key(r: dict[str, Any]) -> tuple:
-    return (r["method"], r.get("variant", ""), r["dataset"], r["split"], int(r["seed"]), r["budget"])
+    return (r["method"], r.get("variant", ""), r["dataset"], r["split"], int(r["seed"]), data_seed(r), r["budget"])
 
 
 def label(r: dict[str, Any]) -> str:
@@ -229,6 +246,9 @@ def check_overrides(overrides: list[str], variant: str) -> None:
         if not eq or not k or k.startswith("-") or k.split(".")[0] not in ("model", "data", "trainer"):
             raise SystemExit(f"error: --override takes KEY=VALUE with KEY under model., data. or trainer. "
                              f"(for example model.init_args.sigma=10), got {o!r}")
+        if k in ("data.init_args.seed", "data.seed"):
+            raise SystemExit(f"error: set the split seed with --data-seeds {v or 'D'}, not --override {o} "
+                             "(records carry it as data_seed, and resume and compare key on it)")
     if overrides and not variant:
         raise SystemExit("error: --override changes the configs: name the variant with --variant, so its records "
                          "are not mixed with the plain configs'")
@@ -308,7 +328,11 @@ def _run_grid(a: argparse.Namespace) -> int:
     out = Path(a.out)
     check_overrides(a.override, a.variant)
     done = {key(r) for r in read_records(out)}
-    grid = [(m, d, s, seed) for d in a.datasets for s in a.splits for m in a.methods for seed in a.seeds]
+    data_seeds = list(dict.fromkeys(getattr(a, "data_seeds", None) or [0]))
+    if any(ds < 0 for ds in data_seeds):
+        raise SystemExit(f"error: --data-seeds takes integers >= 0, got {' '.join(map(str, data_seeds))}")
+    grid = [(m, d, s, seed, ds) for d in a.datasets for s in a.splits for ds in data_seeds for m in a.methods
+            for seed in a.seeds]
     for m, d, *_ in grid:  # bad input: one line, before any run
         if not (REPO / "configs" / m / f"{d}.yaml").is_file():
             raise SystemExit(f"error: no config configs/{m}/{d}.yaml for method {m} on {d}")
@@ -328,10 +352,12 @@ def _run_grid(a: argparse.Namespace) -> int:
     failures = 0
     t_grid = time.time()
     packages = package_versions()
-    for i, (m, d, s, seed) in enumerate(todo, 1):
+    for i, (m, d, s, seed, ds) in enumerate(todo, 1):
         name = f"{m}-{a.variant}" if a.variant else m
-        root = Path(a.runs).resolve() / a.budget / f"{name}-{d}-{s}-seed{seed}"  # the child runs in the repository
-        args = run_args(m, d, s, seed, a.budget, root, a.override)
+        where = f" data seed {ds}" if ds else ""
+        # the child runs in the repository; data seed 0 keeps the folder name of the records before --data-seeds
+        root = Path(a.runs).resolve() / a.budget / f"{name}-{d}-{s}-seed{seed}{f'-dseed{ds}' if ds else ''}"
+        args = run_args(m, d, s, seed, a.budget, root, [*a.override, *([f"data.init_args.seed={ds}"] if ds else [])])
         result = root / "result.json"
         root.mkdir(parents=True, exist_ok=True)
         result.unlink(missing_ok=True)
@@ -342,11 +368,11 @@ def _run_grid(a: argparse.Namespace) -> int:
                                   cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
         if proc.returncode != 0 or not result.is_file():
             failures += 1
-            print(f"[{i}/{len(todo)}] {name} {d} {s} seed {seed}: FAILED (exit {proc.returncode}), see {log}", flush=True)
+            print(f"[{i}/{len(todo)}] {name} {d} {s} seed {seed}{where}: FAILED (exit {proc.returncode}), see {log}", flush=True)
             continue
         r = json.loads(result.read_text())
         record = {"method": m, **({"variant": a.variant} if a.variant else {}),
-                  "dataset": d, "split": s, "seed": seed, "budget": a.budget,
+                  "dataset": d, "split": s, "seed": seed, "data_seed": ds, "budget": a.budget,
                   **{k: r.get(k) for k in METRICS},
                   "train_s": round(r["train_s"], 1), "wall_s": round(r["wall_s"], 1),
                   "peak_rss_mb": round(r["peak_rss_mb"]), "peak_gpu_mb": r["peak_gpu_mb"],
@@ -355,7 +381,7 @@ def _run_grid(a: argparse.Namespace) -> int:
                   "packages": packages, "args": args[1:]}
         with open(out, "a") as fh:  # one whole line per run: an interrupted grid loses at most the run in flight
             fh.write(json.dumps(record) + "\n")
-        print(f"[{i}/{len(todo)}] {name} {d} {s} seed {seed}: acc {r.get('acc', float('nan')):.3f} "
+        print(f"[{i}/{len(todo)}] {name} {d} {s} seed {seed}{where}: acc {r.get('acc', float('nan')):.3f} "
               f"nmi {r.get('nmi', float('nan')):.3f} train {r['train_s']:.0f}s ({time.time() - t0:.0f}s with startup)",
               flush=True)
     print(f"bench: grid done in {time.time() - t_grid:.0f}s, {failures} failed", flush=True)
@@ -399,6 +425,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
             vals = [float(r[k]) for r in rs if r.get(k) is not None]
             if vals:
                 agg[k] = _mean_std(vals)
+        agg["data_seeds"] = sorted({data_seed(r) for r in rs})
         agg["n_train"] = rs[0].get("n_train")
         agg["device"] = rs[0].get("device")
         out[cell] = agg
@@ -410,6 +437,12 @@ def _fmt(agg: dict[str, Any], k: str) -> str:
         return ""
     m, sd = agg[k]
     return f"{m:.3f} ± {sd:.3f}" if agg["n"] > 1 else f"{m:.3f}"
+
+
+def _runs(agg: dict[str, Any]) -> str:
+    """The report's last column: the number of runs, and their split seeds unless all are 0."""
+    seeds = agg.get("data_seeds") or [0]
+    return str(agg["n"]) if seeds == [0] else f"{agg['n']} (data seeds {', '.join(map(str, seeds))})"
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
@@ -426,7 +459,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
         for c in cells:
             a = agg[c]
             lines.append(f"| {c[1]} | {c[2]} | {c[3]} | " + " | ".join(_fmt(a, k) for k in METRICS) +
-                         f" | {a['train_s'][0]:.0f} | {a['peak_rss_mb'][0]:.0f} | {a['n']} |")
+                         f" | {a['train_s'][0]:.0f} | {a['peak_rss_mb'][0]:.0f} | {_runs(a)} |")
         lines.append("")
     both = sorted({c[1:] for c in agg if c[0] == "fast"} & {c[1:] for c in agg if c[0] == "paper"})
     if both:
@@ -446,7 +479,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
             lines.append(f"| {m} | {d} | {'' if acc is None else f'{acc:.3f}'} | {'' if nmi is None else f'{nmi:.3f}'} | {note} |")
         lines.append("")
     devices = sorted({r.get("device", "?") for r in records})
-    lines.append(f"Device(s): {', '.join(devices)}. Mean ± sample std over seeds; train s and peak RSS are means.")
+    lines.append(f"Device(s): {', '.join(devices)}. Mean ± sample std over seeds (training seeds, and the split "
+                 "seeds the last column names); train s and peak RSS are means.")
     return "\n".join(lines)
 
 
@@ -585,7 +619,7 @@ def paired_t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, f
 
 def pair_records(records: list[dict[str, Any]], a: tuple[str, set[str]], b: tuple[str, set[str]],
                  any_machine: bool = False) -> dict[tuple, list[tuple[dict[str, Any], dict[str, Any]]]]:
-    """(budget, dataset, split) -> the pairs (record of a, record of b) of the same seed (and machine).
+    """(budget, dataset, split) -> the pairs (record of a, record of b) of the same seed, data seed (and machine).
 
     A record's machine is its ``cpu`` field (``""`` when it has none: such records pair only with
     each other). Two records of one side with the same cell, seed (and machine) are an error: name
@@ -597,11 +631,12 @@ def pair_records(records: list[dict[str, Any]], a: tuple[str, set[str]], b: tupl
             if r["method"] != method or (r.get("variant") or "") not in variants:
                 continue
             cell = (r["budget"], r["dataset"], r["split"])
-            k = (int(r["seed"]),) if any_machine else (int(r["seed"]), r.get("cpu") or "")
+            k = (int(r["seed"]), data_seed(r)) + (() if any_machine else (r.get("cpu") or "",))
             if k in side[cell]:
-                where = "" if any_machine else f" on {k[1] or 'an unnamed machine'}"
+                where = "" if any_machine else f" on {k[2] or 'an unnamed machine'}"
+                order = f" data seed {k[1]}" if k[1] else ""
                 raise SystemExit(f"error: two records of {label(r)} ({label(side[cell][k])} too) for {' '.join(cell[1:])} "
-                                 f"{cell[0]} seed {k[0]}{where}: name fewer variants")
+                                 f"{cell[0]} seed {k[0]}{order}{where}: name fewer variants")
             side[cell][k] = r
     out = {}
     for cell in sorted(set(sides[0]) & set(sides[1])):
@@ -615,7 +650,7 @@ def compare_markdown(pairs: dict[tuple, list[tuple[dict[str, Any], dict[str, Any
                      metrics: list[str], any_machine: bool = False) -> str:
     """One row per cell and metric: means, mean difference, its paired-t interval, wins, sign test."""
     where = "" if any_machine else " on the same machine"
-    head = (f"A = `{a}`, B = `{b}`; pairs of the same seed{where}; 95% interval of the mean difference: paired t; "
+    head = (f"A = `{a}`, B = `{b}`; pairs of the same training and data seed{where}; 95% interval of the mean difference: paired t; "
             "sign test: two-sided, ties dropped.")
     lines = [head, "",
              "| budget | dataset | split | metric | pairs | A | B | A − B | 95% interval | A higher | sign test p |",
@@ -643,7 +678,7 @@ def compare(a: argparse.Namespace) -> int:
         raise SystemExit(f"error: --metrics takes names of {', '.join(METRICS)}, got {', '.join(unknown)}")
     records = [r for r in load_results(a.results)
                if (a.budget is None or r["budget"] == a.budget) and (not a.datasets or r["dataset"] in a.datasets)
-               and (not a.splits or r["split"] in a.splits)]
+               and (not a.splits or r["split"] in a.splits) and (not a.data_seeds or data_seed(r) in a.data_seeds)]
     pairs = pair_records(records, side_a, side_b, a.any_machine)
     if not pairs:
         raise SystemExit(f"error: no seed has records of both {a.a} and {a.b}"
@@ -664,7 +699,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     r.add_argument("--datasets", nargs="+", default=DATASETS, choices=sorted(NUM_CLASSES))
     r.add_argument("--splits", nargs="+", choices=list(SPLITS), default=["balanced", "lt10"])
-    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (seed_everything)")
+    r.add_argument("--data-seeds", nargs="+", type=int, default=[0], metavar="D",
+                   help="split seeds (data.init_args.seed): each draws another class order of the long-tailed splits, "
+                        "another sample cap and other held-out test images; every training seed runs on each")
     r.add_argument("--out", default="results/bench_fast.jsonl", help="results file (JSON lines)")
     r.add_argument("--runs", default="runs/bench", help="each run's checkpoints, figures and log go under this folder")
     r.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -687,6 +725,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--datasets", nargs="+")
     c.add_argument("--splits", nargs="+")
     c.add_argument("--metrics", nargs="+", default=COMPARE_METRICS)
+    c.add_argument("--data-seeds", nargs="+", type=int, metavar="D",
+                   help="only the records of these split seeds (default: all; pairs always share the split seed)")
     c.add_argument("--any-machine", action="store_true",
                    help="pair by seed alone (default: by seed and machine, the records' cpu field)")
     c.add_argument("--markdown", help="write the table here (default: print it)")

@@ -347,3 +347,65 @@ def test_compare_refuses_bad_input_in_one_line(tmp_path) -> None:
     other.write_text('{"n": 100, "seconds": 1.0}\n')
     with pytest.raises(SystemExit, match="record 1 is not a bench record"):
         bench.main(["compare", str(path), str(other), "--a", "debiased:v1", "--b", "dec"])
+
+
+def test_data_seeds_draw_other_class_orders_and_key_the_records(tmp_path, monkeypatch) -> None:
+    """``--data-seeds`` reaches the runs' data module (another class order of the long tail) and the
+    records (resume keys on it); the old way, a ``data.init_args.seed`` override, is refused in one line."""
+    monkeypatch.setitem(bench.FAST["ae_kmeans"], "digits",
+                        ["--trainer.max_epochs=1", "--data.init_args.max_samples=300", "--data.init_args.batch_size=32",
+                         "--model.init_args.kmeans_n_init=1"])
+    out, runs = tmp_path / "records.jsonl", tmp_path / "runs"
+    argv = ["run", "--methods", "ae_kmeans", "--datasets", "digits", "--splits", "lt10", "--seeds", "0",
+            "--data-seeds", "0", "3", "--out", str(out), "--runs", str(runs)]
+    assert bench.main(argv) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["seed"], r["data_seed"]) for r in records] == [(0, 0), (0, 3)]
+    assert "--data.init_args.seed=3" in records[1]["args"] and not any("init_args.seed" in a for a in records[0]["args"])
+    counts = {}
+    for ds, folder in ((0, "ae_kmeans-digits-lt10-seed0"), (3, "ae_kmeans-digits-lt10-seed0-dseed3")):
+        data, _ = bench.load_run(runs / "fast" / folder)
+        assert data.seed == ds
+        counts[ds] = [int(c) for c in data.train_class_counts]
+    # the same long-tail profile over another class order: the counts are a permutation of each other
+    assert sorted(counts[0]) == sorted(counts[3]) and counts[0] != counts[3]
+    assert bench.main(argv) == 0  # resumes: both runs are recorded
+    assert len(out.read_text().splitlines()) == 2
+    text = bench.markdown(records)
+    assert "| digits | lt10 | ae_kmeans |" in text and text.count("| 2 (data seeds 0, 3) |") == 1
+    with pytest.raises(SystemExit, match="set the split seed with --data-seeds 5, not --override"):
+        bench.main([*argv, "--override", "data.init_args.seed=5", "--variant", "v"])
+    with pytest.raises(SystemExit, match="--data-seeds takes integers >= 0"):
+        bench.main([*argv, "--data-seeds", "-1"])
+
+
+def test_data_seed_of_records_from_before_the_field() -> None:
+    base = {"method": "dec", "dataset": "usps", "split": "lt10", "seed": 0, "budget": "fast"}
+    assert bench.data_seed(base) == 0
+    assert bench.data_seed({**base, "args": ["--config", "c.yaml", "--data.init_args.seed=4", "--seed_everything=0"]}) == 4
+    assert bench.data_seed({**base, "data_seed": 2, "args": ["--data.init_args.seed=4"]}) == 2
+    assert bench.key(base) != bench.key({**base, "data_seed": 1}) and bench.key(base) == bench.key({**base, "data_seed": 0})
+
+
+def test_compare_pairs_within_a_data_seed(tmp_path) -> None:
+    from scipy.stats import ttest_rel
+
+    rng = np.random.default_rng(3)
+    records = [{"method": m, "dataset": "usps", "split": "lt10", "seed": 0, "data_seed": ds, "budget": "fast", "cpu": "X",
+                "acc": float(rng.uniform())} for ds in range(4) for m in ("debiased", "dec")]
+    records.append({**records[0], "seed": 1})  # a training seed dec lacks: unpaired
+    pairs = bench.pair_records(records, ("debiased", {""}), ("dec", {""}))
+    got = [(a["data_seed"], b["data_seed"]) for a, b in pairs[("fast", "usps", "lt10")]]
+    assert got == [(ds, ds) for ds in range(4)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    md = tmp_path / "c.md"
+    assert bench.main(["compare", str(path), "--a", "debiased", "--b", "dec", "--metrics", "acc", "--data-seeds", "1", "2", "3",
+                       "--markdown", str(md)]) == 0
+    cells = _rows(md.read_text())[("lt10", "acc")]
+    a = np.array([r["acc"] for r in records[2:8:2]])
+    b = np.array([r["acc"] for r in records[3:8:2]])
+    ci = ttest_rel(a, b).confidence_interval(0.95)
+    assert cells[4] == "3" and cells[8] == f"[{ci.low:+.3f}, {ci.high:+.3f}]"
+    with pytest.raises(SystemExit, match="seed 0 data seed 2 on X: name fewer variants"):
+        bench.pair_records(records + [dict(records[4])], ("debiased", {""}), ("dec", {""}))
