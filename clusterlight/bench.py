@@ -18,11 +18,11 @@ classes are the head and which the tail), the sample cap and the held-out test i
 ``--seeds`` sets the training seed; a grid over several data seeds measures a setting on several
 class orders, not only on the one it may have been tuned on. Records are appended to the results
 file as JSON lines; a run whose key (method, variant, dataset, split, seed, data seed, budget) is
-already there is skipped, so an interrupted grid resumes. Stopping the grid (Ctrl-C, or SIGTERM from ``kill``, ``pkill`` or a job
-scheduler) stops the run in flight with it; that run leaves no record. ``compare`` pairs two
-methods' records seed by seed (training and data seed; on the same machine unless ``--any-machine``) and gives the mean
-difference of each metric with its 95% paired-t interval, how often the first is higher and the
-sign test's p.
+already there is skipped, so an interrupted grid resumes. Stopping the grid (Ctrl-C, or SIGTERM
+from ``kill``, ``pkill`` or a job scheduler) stops the run in flight with it; that run leaves no
+record. ``compare`` pairs two methods' records seed by seed (the same training and data seed; on
+the same machine unless ``--any-machine``) and gives the mean difference of each metric with its
+95% paired-t interval, how often the first is higher and the sign test's p.
 
 Labels are read only by the test metrics, as in every clusterlight run.
 """
