@@ -1,4 +1,4 @@
-"""Benchmark runner: a grid of method x dataset x split x seed, one JSON record per run.
+"""Benchmark runner: a grid of method x dataset x split x seed x data seed, one JSON record per run.
 
     clusterlight bench run --budget fast --out results/bench_fast.jsonl
     clusterlight bench run --budget fast --methods dec jule --datasets usps --splits balanced lt10 --seeds 0 1 2
@@ -195,6 +195,10 @@ def cpu_name(cpuinfo: str | None = None) -> str:
     return f"{name}, torch {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
 
 
+#: the run arguments that set the split seed (the second is jsonargparse's shorthand)
+DATA_SEED_OPTIONS = ("--data.init_args.seed=", "--data.seed=")
+
+
 def run_args(method: str, dataset: str, split: str, seed: int, budget: str, root: Path,
              overrides: list[str] = ()) -> list[str]:
     """The ``fit`` arguments of one run (``overrides``: ``KEY=VALUE`` options given after the budget's)."""
@@ -212,21 +216,21 @@ def run_args(method: str, dataset: str, split: str, seed: int, budget: str, root
 
 
 def config_hash(args: list[str]) -> str:
-    """Hash of the config file's text and the overrides, seed excluded: equal for the seeds of one cell."""
+    """Hash of the config file's text and the overrides, the training and split seeds excluded: equal
+    for the seeds of one cell."""
     config = Path(args[args.index("--config") + 1])
-    parts = [config.read_text()] + [a for a in args if not a.startswith(("--seed_everything", "--trainer.default_root_dir"))]
+    skip = ("--seed_everything", "--trainer.default_root_dir", *DATA_SEED_OPTIONS)
+    parts = [config.read_text()] + [a for a in args if not a.startswith(skip)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
-
-
-DATA_SEED_OPTION = "--data.init_args.seed="
 
 
 def data_seed(r: dict[str, Any]) -> int:
     """A record's split seed: its ``data_seed`` field; for records from before the field, the last
-    ``--data.init_args.seed=`` among its run's arguments (an ``--override``), else 0 (the default)."""
+    ``--data.init_args.seed=`` (or ``--data.seed=``) among its run's arguments (an ``--override``),
+    else 0 (the data module's default; no shipped config sets it)."""
     if r.get("data_seed") is not None:
         return int(r["data_seed"])
-    given = [a[len(DATA_SEED_OPTION):] for a in r.get("args") or [] if isinstance(a, str) and a.startswith(DATA_SEED_OPTION)]
+    given = [a.partition("=")[2] for a in r.get("args") or [] if isinstance(a, str) and a.startswith(DATA_SEED_OPTIONS)]
     return int(given[-1]) if given else 0
 
 
@@ -332,7 +336,7 @@ def _run_grid(a: argparse.Namespace) -> int:
     if any(ds < 0 for ds in data_seeds):
         raise SystemExit(f"error: --data-seeds takes integers >= 0, got {' '.join(map(str, data_seeds))}")
     grid = [(m, d, s, seed, ds) for d in a.datasets for s in a.splits for ds in data_seeds for m in a.methods
-            for seed in a.seeds]
+            for seed in dict.fromkeys(a.seeds)]
     for m, d, *_ in grid:  # bad input: one line, before any run
         if not (REPO / "configs" / m / f"{d}.yaml").is_file():
             raise SystemExit(f"error: no config configs/{m}/{d}.yaml for method {m} on {d}")
@@ -622,7 +626,7 @@ def pair_records(records: list[dict[str, Any]], a: tuple[str, set[str]], b: tupl
     """(budget, dataset, split) -> the pairs (record of a, record of b) of the same seed, data seed (and machine).
 
     A record's machine is its ``cpu`` field (``""`` when it has none: such records pair only with
-    each other). Two records of one side with the same cell, seed (and machine) are an error: name
+    each other). Two records of one side with the same cell, seed, data seed (and machine) are an error: name
     the variants so that one is left.
     """
     sides: list[dict[tuple, dict[tuple, dict[str, Any]]]] = [defaultdict(dict), defaultdict(dict)]
@@ -728,7 +732,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--data-seeds", nargs="+", type=int, metavar="D",
                    help="only the records of these split seeds (default: all; pairs always share the split seed)")
     c.add_argument("--any-machine", action="store_true",
-                   help="pair by seed alone (default: by seed and machine, the records' cpu field)")
+                   help="pair by training and split seed alone (default: also by machine, the records' cpu field)")
     c.add_argument("--markdown", help="write the table here (default: print it)")
     return p
 

@@ -409,3 +409,23 @@ def test_compare_pairs_within_a_data_seed(tmp_path) -> None:
     assert cells[4] == "3" and cells[8] == f"[{ci.low:+.3f}, {ci.high:+.3f}]"
     with pytest.raises(SystemExit, match="seed 0 data seed 2 on X: name fewer variants"):
         bench.pair_records(records + [dict(records[4])], ("debiased", {""}), ("dec", {""}))
+
+
+def test_a_record_made_with_the_old_override_counts_as_done(tmp_path, capsys) -> None:
+    """A record from before ``data_seed`` (its split seed only in ``args``) is found by a ``--data-seeds`` grid."""
+    out = tmp_path / "r.jsonl"
+    old = {"method": "ae_kmeans", "variant": "v", "dataset": "digits", "split": "lt10", "seed": 0, "budget": "paper",
+           "acc": 0.5, "args": ["--config", "configs/ae_kmeans/digits.yaml", "--data.init_args.seed=3", "--seed_everything=0"]}
+    out.write_text(json.dumps(old) + "\n")
+    argv = ["run", "--budget", "paper", "--methods", "ae_kmeans", "--datasets", "digits", "--splits", "lt10", "--seeds", "0", "0",
+            "--data-seeds", "3", "3", "--variant", "v", "--out", str(out), "--runs", str(tmp_path / "runs")]
+    assert bench.main(argv) == 0  # repeated seeds are one run each: nothing to run
+    assert "1 runs in the grid, 1 already in" in capsys.readouterr().out
+    assert out.read_text() == json.dumps(old) + "\n"
+    assert bench.data_seed({**old, "args": ["--data.seed=5"]}) == 5  # jsonargparse's shorthand
+    with pytest.raises(SystemExit, match="set the split seed with --data-seeds 4, not --override data.seed=4"):
+        bench.main([*argv, "--override", "data.seed=4"])
+    # the split seed is not part of the config hash, as the training seed is not
+    args = bench.run_args("ae_kmeans", "digits", "lt10", 0, "paper", tmp_path, [])
+    assert bench.config_hash(args) == bench.config_hash([*args, "--data.init_args.seed=3", "--seed_everything=5"])
+    assert bench.config_hash(args) != bench.config_hash([*args, "--data.init_args.imbalance_ratio=100"])
