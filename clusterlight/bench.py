@@ -682,7 +682,8 @@ def compare(a: argparse.Namespace) -> int:
         raise SystemExit(f"error: --metrics takes names of {', '.join(METRICS)}, got {', '.join(unknown)}")
     records = [r for r in load_results(a.results)
                if (a.budget is None or r["budget"] == a.budget) and (not a.datasets or r["dataset"] in a.datasets)
-               and (not a.splits or r["split"] in a.splits) and (not a.data_seeds or data_seed(r) in a.data_seeds)]
+               and (not a.splits or r["split"] in a.splits) and (not a.data_seeds or data_seed(r) in a.data_seeds)
+               and (not a.seeds or int(r["seed"]) in a.seeds)]
     pairs = pair_records(records, side_a, side_b, a.any_machine)
     if not pairs:
         raise SystemExit(f"error: no seed has records of both {a.a} and {a.b}"
@@ -729,6 +730,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--datasets", nargs="+")
     c.add_argument("--splits", nargs="+")
     c.add_argument("--metrics", nargs="+", default=COMPARE_METRICS)
+    c.add_argument("--seeds", nargs="+", type=int, help="only the records of these training seeds (default: all)")
     c.add_argument("--data-seeds", nargs="+", type=int, metavar="D",
                    help="only the records of these split seeds (default: all; pairs always share the split seed)")
     c.add_argument("--any-machine", action="store_true",

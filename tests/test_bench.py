@@ -407,6 +407,11 @@ def test_compare_pairs_within_a_data_seed(tmp_path) -> None:
     b = np.array([r["acc"] for r in records[3:8:2]])
     ci = ttest_rel(a, b).confidence_interval(0.95)
     assert cells[4] == "3" and cells[8] == f"[{ci.low:+.3f}, {ci.high:+.3f}]"
+    # --seeds filters the training seed: seed 1 has debiased's extra record but no dec record to pair with
+    with pytest.raises(SystemExit, match="no seed has records of both"):
+        bench.main(["compare", str(path), "--a", "debiased", "--b", "dec", "--seeds", "1"])
+    assert bench.main(["compare", str(path), "--a", "debiased", "--b", "dec", "--seeds", "0", "--markdown", str(md)]) == 0
+    assert _rows(md.read_text())[("lt10", "acc")][4] == "4"
     with pytest.raises(SystemExit, match="seed 0 data seed 2 on X: name fewer variants"):
         bench.pair_records(records + [dict(records[4])], ("debiased", {""}), ("dec", {""}))
 
