@@ -250,7 +250,7 @@ def check_overrides(overrides: list[str], variant: str) -> None:
         if not eq or not k or k.startswith("-") or k.split(".")[0] not in ("model", "data", "trainer"):
             raise SystemExit(f"error: --override takes KEY=VALUE with KEY under model., data. or trainer. "
                              f"(for example model.init_args.sigma=10), got {o!r}")
-        if k in ("data.init_args.seed", "data.seed"):
+        if f"--{k}=" in DATA_SEED_OPTIONS:
             raise SystemExit(f"error: set the split seed with --data-seeds {v or 'D'}, not --override {o} "
                              "(records carry it as data_seed, and resume and compare key on it)")
     if overrides and not variant:
@@ -332,7 +332,7 @@ def _run_grid(a: argparse.Namespace) -> int:
     out = Path(a.out)
     check_overrides(a.override, a.variant)
     done = {key(r) for r in read_records(out)}
-    data_seeds = list(dict.fromkeys(getattr(a, "data_seeds", None) or [0]))
+    data_seeds = list(dict.fromkeys(a.data_seeds))
     if any(ds < 0 for ds in data_seeds):
         raise SystemExit(f"error: --data-seeds takes integers >= 0, got {' '.join(map(str, data_seeds))}")
     grid = [(m, d, s, seed, ds) for d in a.datasets for s in a.splits for ds in data_seeds for m in a.methods
