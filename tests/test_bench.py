@@ -155,6 +155,10 @@ def test_report_flags_fast_far_below_paper() -> None:
     assert len(rows) == 6
     assert all("far below" in rows[("usps", s, "dec")] for s in ("balanced", "lt10", "lt100"))
     assert not any("far below" in rows[("usps", s, "jule")] for s in ("balanced", "lt10", "lt100"))
+    # cells of other class orders at one budget are not compared: no row for DEC's paper runs on split seed 1
+    other = [dict(r, data_seed=1) for r in paper if r["method"] == "dec"]
+    text = bench.markdown(records + other)
+    assert not any(line.startswith("| usps |") and "| dec | " in line and "+0." in line for line in text.splitlines())
 
 
 def test_override_and_variant_reach_the_run_and_the_report(tmp_path, monkeypatch) -> None:
