@@ -389,8 +389,9 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
             Fashion-MNIST config sets ``[scale]``: over ten class orders (``fast``) it raised ACC
             and NMI on every long-tailed split and the tail ACC on ``lt10_ood``, and lowered the
             ``lt100`` tail ACC and the OOD AUROC on the benchmark's order; at ``paper`` it lowered
-            the ``lt10_ood`` OOD AUROC on every order measured, the ``lt10`` tail ACC on the
-            benchmark's order and the ``lt100`` tail ACC on split seeds 1 to 3 (docs/flagship.md).
+            the ``lt10_ood`` OOD AUROC on every order measured, the ``lt10`` tail ACC and the
+            balanced ACC on the benchmark's order and the ``lt100`` tail ACC on split seeds 1 to 3
+            (docs/flagship.md).
         augment_strengths: a strength per component, overriding ``augment`` for the components
             named (e.g. ``{scale: 3, rotation: 1}``; each in [0, 4]); the others drawn keep
             ``augment``. Needs ``augment`` > 0; a component left out by ``augment_parts`` cannot be
