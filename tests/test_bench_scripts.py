@@ -328,3 +328,29 @@ def test_initial_partition_through_a_fit() -> None:
     moved, _ = refine_by_cut(got["initial"], torch.from_numpy(graph), got["space"], seed=0)
     np.testing.assert_array_equal(moved.argmax(1).numpy(), got["moved"].argmax(1).numpy())
     assert bool((got["initial"].argmax(1) != got["moved"].argmax(1)).any())  # the moves were made, not skipped
+
+
+def test_ood_space_probe_against_references() -> None:
+    """``scripts/ood_space_probe.py``: its spaces against the encoder's own layers, its distances against scikit-learn."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from clusterlight.nn.backbones import ConvEncoder
+
+    mod = _script("ood_space_probe")
+    torch.manual_seed(0)
+    encoder = ConvEncoder((1, 12, 12), latent_dim=5, widths=(4, 6)).eval()
+    images = torch.rand(7, 1, 12, 12)
+    spaces = mod.encoder_spaces(encoder, images)
+    with torch.no_grad():
+        first = encoder.features[:3](images)  # conv, norm, ReLU
+        torch.testing.assert_close(spaces["stage1"], first.mean((2, 3)))
+        torch.testing.assert_close(spaces["conv"], encoder.features(images).flatten(1))
+        torch.testing.assert_close(spaces["latent"], encoder(images))
+    torch.testing.assert_close(spaces["pixels"], images.flatten(1))
+    assert sorted(spaces) == ["conv", "latent", "pixels", "stage1", "stage2"]
+
+    rng = np.random.default_rng(6)
+    bank = rng.normal(size=(900, 5))
+    dist = NearestNeighbors(n_neighbors=5).fit(bank).kneighbors(bank[:300])[0]  # column 0: the row itself
+    ours = mod.mean_log_kth(torch.from_numpy(bank), torch.from_numpy(bank[:300]), [1, 4], skip_first=True).numpy()
+    np.testing.assert_allclose(ours, np.log(dist[:, [1, 4]]).mean(1), rtol=1e-9, atol=1e-9)

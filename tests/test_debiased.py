@@ -310,6 +310,23 @@ def test_checkpoint_round_trip_keeps_running_statistics(tmp_path: Path, knn: boo
         got_scale = other.model.ood_scale.double().numpy()
         np.testing.assert_allclose(got_scale, np.repeat(want_scale[:, None], got_scale.shape[1], 1), rtol=1e-4)
         assert not np.allclose(fit.model.ood_scale.numpy(), fit.model.ood_scale.numpy()[:, :1])  # per cluster before
+        # ood_space conv: the bank is the last convolutional stage of R's encoder, flattened (computed
+        # here from the encoder's layers), and a test image's score the mean log k-th neighbour
+        # distance in it over the global median (scikit-learn)
+        conv = main(["test", *common, f"--ckpt_path={ckpt}", "--model.ood_scaling=global", "--model.ood_space=conv"])
+        model = conv.model.eval()
+        train = torch.stack([conv.datamodule.train_dataset[i]["image"] for i in range(len(conv.datamodule.train_dataset))])
+        test_x = torch.stack([conv.datamodule.test_dataset[i]["image"] for i in range(64)])
+        with torch.no_grad():
+            flat = lambda x: model.representation.encoder.features(x).flatten(1).double().numpy()
+            bank, queries = flat(train), flat(test_x)
+            got = model._outputs(test_x).ood_score.double().numpy()
+        assert bank.shape[1] == 32 * 2 * 2 and model.ood_bank.shape == bank.shape
+        np.testing.assert_allclose(model.ood_bank.double().numpy(), bank, rtol=1e-4, atol=1e-5)
+        nn_ = NearestNeighbors(n_neighbors=17).fit(bank)
+        scale = np.median(nn_.kneighbors(bank)[0][:, [1, 4, 16]], axis=0)
+        test_d = nn_.kneighbors(queries, n_neighbors=16)[0][:, [0, 3, 15]]
+        np.testing.assert_allclose(got, np.log(test_d / scale).mean(1), rtol=1e-4, atol=1e-4)
         # one that changes the architecture is refused in one line before the Trainer starts
         with pytest.raises(ValueError, match=r"does not fit the model: representation\..* is \(8, .* \(6, "):
             main(["test", *common, f"--ckpt_path={ckpt}", "--model.latent_dim=6"])
@@ -441,6 +458,15 @@ def test_checkpoint_loads_with_other_neighbour_views_and_ood_neighbours(tmp_path
     again.load_state_dict(cos_state)
     assert torch.equal(again.ood_bank, cos_state["ood_bank"])
     assert torch.allclose(again.ood_bank.norm(dim=1), torch.ones(len(again.ood_bank)))
+    # a bank of R's features, loaded with ood_space conv: emptied likewise (its rows are wider), and back
+    conv_space = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_space="conv")
+    assert conv_space.ood_bank.shape[1] == 32 * 2 * 2
+    conv_space.load_state_dict(state)
+    assert conv_space.ood_bank.shape[0] == 0 and bool(conv_space.ood_space_conv)
+    conv_space._fit_knn_bank(torch.randn(50, 128), torch.zeros(50, dtype=torch.long))
+    features = DebiasedClustering(**small, ood_neighbours=[1, 2, 4])
+    features.load_state_dict(conv_space.state_dict())
+    assert features.ood_bank.shape[0] == 0 and not bool(features.ood_space_conv)
     # training scores made without the local correction, loaded with it: emptied likewise
     local = DebiasedClustering(**small, ood_neighbours=[1, 2, 4], ood_local_weight=0.5)
     local.load_state_dict(state)
@@ -649,6 +675,10 @@ def test_augmented_views_without_neighbours_train_the_projection_head(tmp_path: 
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_local_neighbours=bad)
     with pytest.raises(ValueError, match="ood_metric must be"):
         DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_metric="manhattan")
+    with pytest.raises(ValueError, match="ood_space must be"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_space="pixels")
+    with pytest.raises(ValueError, match="ood_space conv is the space of ood_score knn's bank, got ood_score 'nll'"):
+        DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_space="conv", ood_score="nll")
     for bad in ([], [0], [4, 1.0], [0.0], [-0.2], [True], [2.5], ["8"]):
         with pytest.raises(ValueError, match=r"ood_neighbours must be a non-empty list of positive integers \(counts\)"):
             DebiasedClustering(num_clusters=3, input_shape=(1, 16, 16), ood_neighbours=bad)

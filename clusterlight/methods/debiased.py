@@ -177,7 +177,8 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
        neighbours`` (the Fashion-MNIST config) takes the scale of the region the sample
        lies in instead: the geometric mean of the scales of the clusters of its
        ``ood_scale_neighbours`` (100) nearest training samples (docs/results.md). ``ood_metric: cosine``
-       compares the features' directions only; no config uses it. A *local* correction
+       compares the features' directions only; no config uses it; nor ``ood_space: conv``, the bank in
+       the last convolutional stage of ``R``'s encoder instead of its features. A *local* correction
        (``ood_local_weight: w``, off in the class, 0.5 in the USPS configs) subtracts ``w`` times
        the mean training score of the sample's ``ood_local_neighbours`` (64) nearest training
        samples, each scored without itself, as the local outlier factor compares a point's
@@ -359,6 +360,14 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         ood_metric: the distance of ``ood_score: knn``: ``euclidean``, or ``cosine`` (Euclidean
             distance between the features scaled to unit length, ``sqrt(2 (1 - cos))``: the same
             neighbours and the same ranking of scores as the cosine distance).
+        ood_space: the space of ``ood_score: knn``'s bank of training samples: ``features``, R's
+            features, or ``conv``, the last convolutional stage of R's encoder flattened (the map
+            R's linear layer reads; 2,048 numbers an image for 28x28 images with the default
+            widths, against ``latent_dim``, so the bank in a checkpoint is that much larger). The
+            bank's neighbours also make ``assign_neighbours``' vote; the clusters and their
+            scales are C's either way. Off in every config: an offline probe found it higher on
+            most Fashion-MNIST ``lt10_ood`` runs with ``ood_scaling: global`` and lower on others
+            (docs/flagship.md).
         ood_local_weight: local density correction of ``ood_score: knn`` (item 3; 0: off): the
             score minus this weight times the mean training score of the sample's
             ``ood_local_neighbours`` nearest training samples (each scored without itself). 1 is a
@@ -443,6 +452,7 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         ood_scaling: Literal["cluster", "global", "neighbours"] = "cluster",
         ood_scale_neighbours: int = 100,
         ood_metric: Literal["euclidean", "cosine"] = "euclidean",
+        ood_space: Literal["features", "conv"] = "features",
         ood_local_weight: float = 0.0,
         ood_local_neighbours: int = 64,
         reject_quantile: float | None = None,
@@ -512,6 +522,11 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         if ood_metric not in ("euclidean", "cosine"):
             raise ClusterlightError(f"ood_metric must be 'euclidean' or 'cosine', got {ood_metric!r}")
         self.ood_metric = ood_metric
+        if ood_space not in ("features", "conv"):
+            raise ClusterlightError(f"ood_space must be 'features' or 'conv', got {ood_space!r}")
+        if ood_space == "conv" and ood_score != "knn":
+            raise ClusterlightError(f"ood_space conv is the space of ood_score knn's bank, got ood_score {ood_score!r}")
+        self.ood_space = ood_space
         if isinstance(ood_local_weight, bool) or not isinstance(ood_local_weight, (int, float)) \
                 or not 0.0 <= ood_local_weight <= 1.0:
             raise ClusterlightError(f"ood_local_weight must be a number in [0, 1] (0: off), got {ood_local_weight!r}")
@@ -529,13 +544,16 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         self.register_buffer("ood_neighbours_setting", torch.tensor([float(v) for v in self.ood_neighbours]))
         # and which metric made the saved bank (unit-length features for cosine): likewise
         self.register_buffer("ood_metric_cosine", torch.tensor(ood_metric == "cosine"))
+        # and the bank's space (a bank of R's features loaded into a model with ood_space conv: recomputed)
+        self.register_buffer("ood_space_conv", torch.tensor(ood_space == "conv"))
         # and the local correction the saved training scores (reject threshold) were made with:
         # (weight, neighbours), (0, 0) when off
         self.register_buffer("ood_local_setting", self._local_setting())
         # ood_score knn: R's features of the training split (the bank), the median distance of a
         # training sample of each cluster to its ood_neighbours-th neighbour, and every training
         # sample's own score (for reject_quantile); set with spb_ood, saved in checkpoints
-        self.register_buffer("ood_bank", torch.zeros(0, latent_dim))
+        bank_dim = latent_dim if ood_space == "features" else math.prod(self.representation.encoder.feature_shape)
+        self.register_buffer("ood_bank", torch.zeros(0, bank_dim))
         self.register_buffer("ood_scale", torch.ones(len(self.ood_neighbours), k))
         self.register_buffer("ood_train_scores", torch.zeros(0))
         # each bank row's own score before the local correction (what the correction averages)
@@ -714,15 +732,36 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
     @torch.no_grad()
     def _fit_ood_statistics(self, z_r: Tensor | None = None) -> None:
         """Per-cluster full covariances of ``R``'s features over the whole training split (``C``'s soft assignments)."""
-        if z_r is None:
+        bank = None
+        if z_r is None and self.ood_space == "conv" and self.ood_score_kind == "knn":  # both in one pass
+            both = self.compute_on_split(lambda x: torch.cat(self._encode_for_bank(x), 1))
+            d = self.representation.encoder.latent_dim
+            z_r, bank = both[:, :d], both[:, d:]
+        elif z_r is None:
             z_r = self.compute_on_split(lambda x: self.representation.encode(x))
         z_r = z_r.float()
         resp = torch.cat([self._posterior(self._cluster_space(z_r[i:i + 4096]))[0].exp()
                           for i in range(0, len(z_r), 4096)])
         self.spb_ood.reset_from(z_r, resp)
         if self.ood_score_kind == "knn":
-            self._fit_knn_bank(z_r, resp.argmax(1))
+            if bank is None:
+                bank = z_r if self.ood_space == "features" else \
+                    self.compute_on_split(lambda x: self._encode_for_bank(x)[1])
+            self._fit_knn_bank(bank, resp.argmax(1))
         self._ood_fit_step = self._step_now()
+
+    def _encode_for_bank(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``R``'s features of ``images`` and their rows in the space of the k-NN bank (``ood_space``).
+
+        With ``features`` both are the same tensor; with ``conv`` the second is the last
+        convolutional stage of ``R``'s encoder, flattened (what its linear layer maps to the features).
+        """
+        if self.ood_space == "features":
+            z_r = self.representation.encode(images)
+            return z_r, z_r
+        encoder = self.representation.encoder
+        conv = encoder.features(images).flatten(1)
+        return encoder.fc(conv), conv
 
     def _step_now(self) -> int | None:
         return int(self.global_step) if self._trainer is not None else None
@@ -893,9 +932,10 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         return cluster, votes.gather(1, cluster[:, None]).squeeze(1) / k
 
     def _ood_scores(self, z_r: Tensor, z_c: Tensor, log_q: Tensor, maha: Tensor,
-                    search: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                    search: tuple[Tensor, Tensor, Tensor] | None = None, z_bank: Tensor | None = None) -> Tensor:
+        """The OOD score (``ood_score``); ``z_bank``: the rows in the k-NN bank's space (default ``z_r``)."""
         if self.ood_score_kind == "knn" and self.ood_bank.shape[0] > 0:
-            return self._knn_scores(z_r, log_q.argmax(1), search)
+            return self._knn_scores(z_r if z_bank is None else z_bank, log_q.argmax(1), search)
         # full_mahalanobis before its statistics exist (monitoring during pretraining): the diagonal score
         if self.ood_score_kind == "full_mahalanobis" and bool(self.spb_ood.initialised):
             return self._feature_mahalanobis(z_r)
@@ -1088,8 +1128,8 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         # A setting missing from the checkpoint (made before its option) reads as zero: cluster
         # scaling, euclidean, no local correction, no neighbours' scales; ood_neighbours, unsaved before
         # fractions, reads as the model's own (the shape check below compares their number, as then)
-        for name in ("ood_scaling_global", "ood_metric_cosine", "ood_local_setting", "ood_scale_setting",
-                     "ood_neighbours_setting"):
+        for name in ("ood_scaling_global", "ood_metric_cosine", "ood_space_conv", "ood_local_setting",
+                     "ood_scale_setting", "ood_neighbours_setting"):
             mine = getattr(self, name)
             saved = state_dict.get(prefix + name, mine if name == "ood_neighbours_setting" else torch.zeros_like(mine))
             if not torch.equal(saved.cpu().float(), mine.cpu().float()):  # False for other shapes too
@@ -1288,18 +1328,18 @@ class DebiasedClustering(PixelNeighbours, ClusteringModule):
         return self._cluster_space(self.representation.encode(images))
 
     def _outputs(self, images: Tensor) -> ClusterOutput:
-        z_r = self.representation.encode(images)
+        z_r, z_bank = self._encode_for_bank(images)
         z_c = self._cluster_space(z_r)
         log_q, maha = self._posterior(z_c)[:2]
         q = log_q.exp()
         conf, cluster = q.max(1)
         search = None
         if self.ood_score_kind == "knn" and self.ood_bank.shape[0] > 0 and len(z_r) > 0:
-            search = self._bank_search(z_r)
+            search = self._bank_search(z_bank)
             if self.assign_neighbours > 0:
                 cluster, conf = self._vote(search, q)
         return ClusterOutput(cluster=cluster, confidence=conf,
-                             ood_score=self._ood_scores(z_r, z_c, log_q, maha, search), embedding=z_c)
+                             ood_score=self._ood_scores(z_r, z_c, log_q, maha, search, z_bank), embedding=z_c)
 
     def cluster_outputs(self, images: Tensor) -> ClusterOutput:
         out = self._outputs(images)
